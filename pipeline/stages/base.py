@@ -1,0 +1,82 @@
+"""What a stage is: a name, a typed parameter model, and run(input artifact) -> artifact.
+
+A stage writes its output into the empty directory it is given; the runner moves that
+directory into place only after the stage returns and the manifest is written, so a crash
+never leaves a half-written artifact that looks complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageParams(BaseModel):
+    """Base for a stage's parameters. Unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class ModelInfo:
+    """What stages may check before any work starts (from the base model's config)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str
+
+
+@dataclass
+class Artifact:
+    """A model on disk in one serving format.
+
+    format: "hf" (plain transformers), "compressed-tensors" (vLLM), "gptq" / "awq"
+    (GPTQModel native checkpoints, vLLM), "gguf" (llama.cpp).
+    bits: nominal weight bits, shown in the table's Bits column (None for the base row).
+    meta: anything later stages or the evaluator need (e.g. a KV-cache quantizer config).
+    """
+
+    path: Path
+    format: str
+    key: str
+    bits: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Shared inputs a stage may use; calibration text is loaded lazily and only once."""
+
+    calibration: Callable[[], list[str]]
+    calibration_seq_len: int
+    seed: int
+
+
+class Stage:
+    """Subclass this, set `name` and `Params`, implement `run`. See stages/fp8.py."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[StageParams]] = StageParams
+    # Python distributions whose versions enter the artifact key (a new release rebuilds).
+    libraries: ClassVar[tuple[str, ...]] = ()
+    # Input formats this stage can consume; the recipe validator checks chains against it.
+    accepts: ClassVar[tuple[str, ...]] = ("hf",)
+
+    def __init__(self, params: StageParams):
+        self.params = params
+
+    def check(self, model: ModelInfo) -> None:
+        """Raise ValueError naming the parameter when it cannot work for this model."""
+
+    def output_format(self) -> str:
+        """The format run() will produce, known before running (for chain validation)."""
+        return "hf"
+
+    def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:
+        raise NotImplementedError
