@@ -82,11 +82,10 @@ def verify(folder: Path, key: str) -> tuple[dict | None, str]:
         return None, "manifest is not valid JSON"
     if manifest.get("key") != key:
         return None, "built from other inputs (key changed)"
-    actual = file_table(folder)
-    if actual != manifest.get("files"):
-        changed = sorted(set(actual.items()) ^ set(manifest.get("files", {}).items()), key=str)
-        names = sorted({c[0] for c in changed})[:3] if changed else []
-        return None, f"files differ from the manifest ({', '.join(names) or 'file set changed'})"
+    actual, expected = file_table(folder), manifest.get("files") or {}
+    changed = sorted(k for k in set(actual) | set(expected) if actual.get(k) != expected.get(k))
+    if changed:
+        return None, f"files differ from the manifest ({', '.join(changed[:3])})"
     return manifest, ""
 
 

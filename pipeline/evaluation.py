@@ -88,7 +88,7 @@ def prepare_task_dir(workdir: Path, tasks, mirrors: dict[str, Path] | None) -> P
     workdir.mkdir(parents=True, exist_ok=True)
     for task in tasks:
         patterns, hub_id = STOCK[task]
-        dest = workdir / task
+        dest = workdir / patterns[0].split("/")[0]  # one folder per stock family (mc1 and mc2 share)
         dest.mkdir(exist_ok=True)
         for pattern in patterns:
             for src in sorted(stock_root.glob(pattern)):

@@ -1,0 +1,166 @@
+"""End to end on a tiny model: offline evaluation of all four tasks, the table recomputed from
+per-item results, resumption (rerun, SIGKILL mid-run, corrupt artifact), opt-in and lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.artifacts import run_lock
+from pipeline.evaluation import BENCHMARKS
+
+pytestmark = pytest.mark.slow
+
+
+def write_recipe(tmp: Path, model: Path, data_dir: Path, name="tiny", variants=None, tasks=None) -> Path:
+    recipe = {
+        "name": name,
+        "model": {"id": str(model), "dtype": "float32"},
+        "calibration": {"num_samples": 8, "seq_len": 64},
+        "eval": {"suite": "smoke", "data_dir": str(data_dir), **({"tasks": tasks} if tasks else {})},
+        "offline": True,
+        "variants": variants or {"fp8": [{"stage": "fp8"}], "gptq-4bit": [{"stage": "gptq", "group_size": 128}]},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def quantpipe(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True, **kw)
+    if check and r.returncode:
+        raise AssertionError(f"quantpipe {args} exited {r.returncode}\n{r.stderr[-3000:]}")
+    return r
+
+
+def table_numbers(root: Path) -> dict:
+    t = json.loads((root / "report" / "degradation.json").read_text())
+    return {e["row"]: {b: (c["score"], c["n"], (c.get("paired") or {}).get("diff")) for b, c in e["benchmarks"].items()}
+            for e in t["rows"]}
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, data_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(tmp, tiny_model, data_dir)
+    r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
+    return tmp, recipe, tmp / "art" / "tiny", r
+
+
+def test_table_has_every_row_and_benchmark(finished):
+    _, _, root, r = finished
+    nums = table_numbers(root)
+    assert list(nums) == ["base", "fp8", "gptq-4bit"]
+    expected_n = {"MMLU": 57, "HumanEval": 2, "GSM8K": 2, "TruthfulQA": 3}  # smoke suite limits (MMLU: 1 per subject)
+    for row, benches in nums.items():
+        assert {b: v[1] for b, v in benches.items()} == expected_n, row
+        assert all(0.0 <= v[0] <= 1.0 for v in benches.values())
+    md = (root / "report" / "degradation.md").read_text()
+    assert "| Method | Bits | MMLU | HumanEval | GSM8K | TruthfulQA | Size | Avg drop |" in md
+    assert "dequantized on CPU" in md and "relative drop" in md
+    assert (root / "report" / "degradation.csv").read_text().startswith("method,bits,MMLU,")
+    assert "| Method |" in r.stdout  # printed too
+
+
+def test_table_matches_lm_eval_aggregates(finished):
+    """Scores recomputed from stored per-item samples equal lm-eval's own aggregated metrics."""
+    _, _, root, _ = finished
+    t = json.loads((root / "report" / "degradation.json").read_text())
+    for e in t["rows"]:
+        for bench in BENCHMARKS:
+            rec = json.loads((root / e["row"] / "eval" / f"{bench.task}.json").read_text())
+            agg = rec["results"][bench.task][f"{bench.metric},{bench.filter}"]
+            assert e["benchmarks"][bench.column]["score"] == pytest.approx(agg, abs=1e-9), (e["row"], bench.column)
+
+
+def test_gsm8k_keeps_both_filters_and_humaneval_ran_programs(finished):
+    _, _, root, _ = finished
+    res = json.loads((root / "base" / "eval" / "gsm8k.json").read_text())["results"]["gsm8k"]
+    assert "exact_match,strict-match" in res and "exact_match,flexible-extract" in res
+    samples = [json.loads(x) for x in (root / "base" / "eval" / "humaneval.samples.jsonl").read_text().split("\n") if x]
+    assert len(samples) == 2 and all("pass@1" in s and "check(" in s["target"] for s in samples)
+
+
+def test_rerun_reuses_everything(finished):
+    tmp, recipe, root, _ = finished
+    before = table_numbers(root)
+    r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
+    assert "running stage" not in r.stderr and "evaluating" not in r.stderr
+    assert r.stderr.count("reused") >= 2 + 3 * 5
+    assert table_numbers(root) == before
+    # `quantpipe table` rebuilds the same table from stored results alone
+    out = quantpipe("table", root, "--format", "json")
+    assert {e["row"] for e in json.loads(out.stdout)["rows"]} == set(before)
+
+
+def test_corrupt_artifact_is_detected_and_rebuilt(finished):
+    tmp, recipe, root, _ = finished
+    weights = root / "fp8" / "stages" / "00-fp8" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
+    assert "not usable (files differ from the manifest (model.safetensors))" in r.stderr
+    assert "fp8: running stage 0 'fp8'" in r.stderr
+    assert weights.read_bytes() != bytes(data)
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(finished, tiny_model, data_dir, tmp_path):
+    _, _, ref_root, _ = finished
+    recipe = write_recipe(tmp_path, tiny_model, data_dir)
+    art = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = art / "tiny" / "fp8" / "stages" / "00-fp8" / "manifest.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-run: fp8 built, its evaluation (at least) not yet done
+    proc.wait()
+    done = {p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("*.json") if "/eval/" in str(p) or p.name == "manifest.json"}
+    assert marker in done and not (art / "tiny" / "report").exists()
+    r = quantpipe("run", recipe, "--artifacts", art, "--allow-code-execution")
+    assert "fp8: stage 0 'fp8' reused" in r.stderr
+    for p, mtime in done.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was redone"
+    assert not list((art / "tiny").rglob(".*.tmp-*"))
+    assert table_numbers(art / "tiny") == table_numbers(ref_root)
+
+
+def test_humaneval_needs_explicit_opt_in(tiny_model, data_dir, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, data_dir, variants={"fp8": [{"stage": "fp8"}]})
+    r = quantpipe("run", recipe, "--artifacts", tmp_path / "art", check=False)
+    assert r.returncode == 2 and "--allow-code-execution" in r.stderr
+    assert not (tmp_path / "art" / "tiny" / "base" / "eval").exists()  # failed before any work
+
+
+def test_second_run_on_same_folder_names_the_holder(tiny_model, data_dir, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_model, data_dir, tasks={"humaneval": None})
+    with run_lock(tmp_path / "art" / "tiny"):
+        r = quantpipe("run", recipe, "--artifacts", tmp_path / "art", check=False)
+    assert r.returncode == 2 and "in use by another run" in r.stderr and f"pid {os.getpid()}" in r.stderr
+
+
+def test_failing_variant_is_marked_and_others_finish(tiny_model, data_dir, tmp_path):
+    # A calibration file that disappears after validation makes only the calibrated stage fail.
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text\n\nmore text")
+    recipe = write_recipe(tmp_path, tiny_model, data_dir, tasks={"humaneval": None, "mmlu": None},
+                          variants={"gptq-4bit": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]})
+    data = yaml.safe_load(recipe.read_text())
+    data["calibration"]["dataset"] = str(tmp_path / "gone.txt")
+    recipe.write_text(yaml.safe_dump(data))
+    r = quantpipe("run", recipe, "--artifacts", tmp_path / "art")
+    t = json.loads((tmp_path / "art" / "tiny" / "report" / "degradation.json").read_text())
+    rows = {e["row"]: e for e in t["rows"]}
+    assert "calibration file not found" in rows["gptq-4bit"]["error"] and not rows["gptq-4bit"]["benchmarks"]
+    assert rows["fp8"]["error"] is None and set(rows["fp8"]["benchmarks"]) == {"GSM8K", "TruthfulQA"}
+    assert "gptq-4bit: FAILED" in r.stderr
