@@ -1,8 +1,9 @@
-"""Command line: quantpipe run | table | validate | stages | models fetch."""
+"""Command line: quantpipe run | table | gate | validate | stages | models fetch."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -32,6 +33,33 @@ def _table(a) -> int:
     out = write_report(root, root.name)
     print((out / f"degradation.{a.format}").read_text())
     return 0
+
+
+def _gate(a) -> int:
+    from .gate import GateConfig, evaluate_gate, junit_xml, load_table, summary
+
+    table, cfg = load_table(Path(a.target))
+    merged = (cfg.model_dump() if cfg else {}) | {k: v for k, v in {
+        "max_avg_drop": a.max_avg_drop, "min_items": a.min_items,
+        "require_significant": a.require_significant or None, "variants": a.variant}.items() if v is not None}
+    for item in a.max_drop or []:
+        bench, _, value = item.partition("=")
+        if not value:
+            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'")
+        try:
+            merged.setdefault("max_drop", {})[bench] = float(value)
+        except ValueError:
+            raise QuantpipeError(f"--max-drop {item}: '{value}' is not a number") from None
+    cfg = GateConfig.model_validate(merged)
+    if not cfg.max_drop and cfg.max_avg_drop is None:
+        raise QuantpipeError("no thresholds: set gate: in the recipe or pass --max-drop / --max-avg-drop")
+    verdict = evaluate_gate(table, cfg)
+    print(summary(verdict))
+    if a.json:
+        Path(a.json).write_text(json.dumps(verdict.to_dict(), indent=1))
+    if a.junit:
+        Path(a.junit).write_text(junit_xml(verdict))
+    return verdict.exit_code
 
 
 def _validate(a) -> int:
@@ -77,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run_dir")
     t.add_argument("--format", choices=["md", "csv", "json"], default="md")
     t.set_defaults(fn=_table)
+
+    g = sub.add_parser("gate", help="deploy decision from a run's table: exit 0 pass, 1 fail, 2 error/undecided")
+    g.add_argument("target", help="run folder (artifacts/<recipe>) or recipe file")
+    g.add_argument("--max-drop", action="append", metavar="BENCH=POINTS", help="max drop in points (BENCH or default)")
+    g.add_argument("--max-avg-drop", type=float, metavar="PCT", help="max average relative drop, %%")
+    g.add_argument("--require-significant", action="store_true", help="fail only when the 95%% CI of the drop exceeds the threshold")
+    g.add_argument("--min-items", type=int, help="below this many items an undecidable check is reported as such")
+    g.add_argument("--variant", action="append", help="check only this variant (repeatable)")
+    g.add_argument("--json", help="write the verdict as JSON here")
+    g.add_argument("--junit", help="write the verdict as JUnit XML here")
+    g.set_defaults(fn=_gate)
 
     v = sub.add_parser("validate", help="check a recipe without running anything")
     v.add_argument("recipe")

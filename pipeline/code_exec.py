@@ -1,9 +1,11 @@
 """Run model-written programs (HumanEval) in a sandboxed child process, and score pass@k.
 
 Each program runs in its own session/process group, in an empty temporary directory, with
-limits on CPU time, address space, file size and open files, no inherited environment, in a
-fresh network namespace when the platform allows one, and a wall-clock timeout after which
-the whole process group is killed. Running anything requires an explicit opt-in.
+limits on CPU time, address space, file size, open files and processes, no inherited
+environment, in a fresh network namespace with no interfaces when the platform allows one,
+as the unprivileged user `nobody` when we are root (so it cannot signal the harness or write
+the machine's files), and with a wall-clock timeout after which the whole process group is
+killed. Running anything requires an explicit opt-in.
 """
 
 from __future__ import annotations
@@ -35,19 +37,42 @@ def _limits(cpu_s: int, mem_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))  # not enforced for root; the group kill covers it
 
 
+NOBODY = 65534
+
+
 @lru_cache(maxsize=1)
-def _netns_prefix() -> tuple[str, ...]:
-    """`unshare --net` gives the program a network namespace with no interfaces, if permitted."""
+def _launcher() -> tuple[tuple[str, ...], str, bool]:
+    """(command prefix, interpreter, drops privileges).
+
+    As root: `unshare --net --setuid nobody` gives a network namespace with no interfaces and
+    an unprivileged user, and the interpreter must be one `nobody` can execute (a system
+    python3; HumanEval programs need only the standard library). Otherwise: the same
+    interpreter as ours, and `unshare --net --map-root-user` where user namespaces are allowed.
+    """
     exe = shutil.which("unshare")
-    if not exe:
-        return ()
-    for prefix in ((exe, "--net"), (exe, "--net", "--map-root-user")):
+    system_python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    candidates = []
+    if os.geteuid() == 0 and exe:
+        candidates.append(((exe, "--net", "--setgid", str(NOBODY), "--setuid", str(NOBODY)), system_python, True))
+    if exe:
+        candidates.append(((exe, "--net", "--map-root-user"), sys.executable, False))
+    for prefix, python, drops in candidates:
         try:
-            if subprocess.run([*prefix, "true"], capture_output=True, timeout=5).returncode == 0:
-                return prefix
+            if subprocess.run([*prefix, python, "-c", "pass"], capture_output=True, timeout=10).returncode == 0:
+                return prefix, python, drops
         except (OSError, subprocess.TimeoutExpired):
             pass
-    return ()
+    return (), sys.executable, False
+
+
+def sandbox_description() -> str:
+    prefix, python, drops = _launcher()
+    parts = ["process group + rlimits + temp dir + timeout"]
+    if prefix:
+        parts.append("no network (new netns)")
+    if drops:
+        parts.append("user nobody")
+    return ", ".join(parts)
 
 
 def run_program(source: str, timeout: float = 10.0, mem_bytes: int = 1 << 30) -> bool:
@@ -60,7 +85,11 @@ def run_program(source: str, timeout: float = 10.0, mem_bytes: int = 1 << 30) ->
         prog = os.path.join(workdir, "program.py")
         with open(prog, "w") as f:
             f.write(source)
-        cmd = [*_netns_prefix(), sys.executable, "-I", "-B", prog]
+        prefix, python, drops = _launcher()
+        if drops:
+            os.chown(workdir, NOBODY, NOBODY)
+            os.chown(prog, NOBODY, NOBODY)
+        cmd = [*prefix, python, "-I", "-B", prog]
         try:
             proc = subprocess.Popen(
                 cmd, cwd=workdir, env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},

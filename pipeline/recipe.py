@@ -153,6 +153,13 @@ def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
                     f"produces '{fmt}'; reorder the chain",
                 )
             fmt = stage.output_format()
+    if recipe.gate is not None:
+        from .gate import GateConfig
+
+        try:
+            GateConfig.model_validate(recipe.gate)
+        except ValidationError as e:
+            raise _first_error("gate", e) from None
     from .calibration import refuse_evaluation_data
 
     refuse_evaluation_data(recipe)
