@@ -1,4 +1,5 @@
-"""Load HF-family artifacts (plain, compressed-tensors, GPTQ/AWQ) into an lm-eval model.
+"""Load an artifact into an lm-eval model: HF family (plain, compressed-tensors, GPTQ/AWQ) via
+transformers/GPTQModel here, GGUF via llama.cpp (backends/llamacpp.py).
 
 A reloaded checkpoint whose load report lists missing or unexpected weights is an error:
 transformers fills missing weights with random values and only warns.
@@ -75,6 +76,14 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
+    if art.format == "gguf":
+        from .llamacpp import LlamaCppLM
+
+        tokenizer = AutoTokenizer.from_pretrained(art.path)
+        lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
+        bpw = art.meta.get("bits_per_weight")
+        return LoadedModel(lm=lm, evaluated_as=f"GGUF ({bpw} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)",
+                           engine="llama.cpp")
     if art.format in ("hf", "compressed-tensors"):
         model, how = _load_transformers(art, dtype)
     elif art.format in ("gptq", "awq"):

@@ -1,0 +1,84 @@
+"""llama.cpp's HF -> GGUF converter, taken from the pinned llama-cpp-python sdist on PyPI.
+
+The converter (convert_hf_to_gguf.py, its conversion/ package and the matching gguf-py) is not
+in the llama-cpp-python wheel; it ships in the sdist under vendor/llama.cpp. We download that
+sdist once (PyPI, not a model hub), extract those files into the quantpipe cache, and run the
+converter in a subprocess so its imports never mix with ours.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+from ..errors import QuantpipeError
+
+_WRAPPER = r'''
+import os, runpy, sys
+tool = sys.argv.pop(1)
+sys.path[:0] = [tool, os.path.join(tool, "gguf-py")]
+override = os.environ.get("QUANTPIPE_GGUF_PRE_TOKENIZER")
+if override:
+    import conversion.base as base
+    original = base.TextModel.get_vocab_base_pre
+    def get_vocab_base_pre(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:  # unknown tokenizer hash: use the pre-tokenizer named in the recipe
+            return override
+    base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv[0] = os.path.join(tool, "convert_hf_to_gguf.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def tools_dir() -> Path:
+    home = Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe"))
+    return home / "tools" / f"llama.cpp-{version('llama-cpp-python')}"
+
+
+def converter() -> Path:
+    dest = tools_dir()
+    if (dest / "convert_hf_to_gguf.py").is_file():
+        return dest
+    ver = version("llama-cpp-python")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            "-d", tmp, f"llama-cpp-python=={ver}"], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if r.returncode or not sdists:
+            raise QuantpipeError(f"could not fetch the llama-cpp-python {ver} sdist for its GGUF converter: {r.stderr[-300:]}")
+        out = Path(tmp) / "tool"
+        prefix = f"{sdists[0].name[:-7]}/vendor/llama.cpp/"
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        with tarfile.open(sdists[0]) as tar:
+            for m in tar.getmembers():
+                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                if rel and rel.startswith(wanted) and (m.isfile() or m.isdir()):
+                    m.name = rel
+                    tar.extract(m, out, filter="data")
+        (out / "quantpipe_convert.py").write_text(_WRAPPER)
+        if dest.exists():
+            shutil.rmtree(dest)
+        out.rename(dest)
+    return dest
+
+
+def convert(hf_dir: Path, out_file: Path, outtype: str, pre_tokenizer: str | None) -> None:
+    tool = converter()
+    env = dict(os.environ)
+    if pre_tokenizer:
+        env["QUANTPIPE_GGUF_PRE_TOKENIZER"] = pre_tokenizer
+    r = subprocess.run([sys.executable, str(tool / "quantpipe_convert.py"), str(tool), str(hf_dir),
+                        "--outfile", str(out_file), "--outtype", outtype], capture_output=True, text=True, env=env)
+    if r.returncode or not out_file.is_file():
+        tail = "\n".join(r.stderr.strip().splitlines()[-6:])
+        hint = " (set the stage's pre_tokenizer, e.g. gpt-2, for a tokenizer llama.cpp does not know)" if "pre-tokenizer" in r.stderr else ""
+        raise QuantpipeError(f"convert_hf_to_gguf failed for {hf_dir}{hint}:\n{tail}")
