@@ -146,13 +146,13 @@ def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
                 stage = cls(cls.Params.model_validate(spec.params_dict()))
             except ValidationError as e:
                 raise _first_error(field, e) from None
-            if fmt not in cls.accepts:
+            if fmt not in stage.accepts:
                 raise RecipeError(
                     f"{field}.stage",
-                    f"stage '{spec.stage}' takes {'/'.join(cls.accepts)} input, but the previous stage "
+                    f"stage '{spec.stage}' takes {'/'.join(stage.accepts)} input, but the previous stage "
                     f"produces '{fmt}'; reorder the chain",
                 )
-            fmt = stage.output_format()
+            fmt = stage.output_format(fmt)
     if recipe.gate is not None:
         from .gate import GateConfig
 

@@ -71,6 +71,22 @@ def _load_gptqmodel(art: Artifact):
     return model, f"{art.format.upper()} checkpoint, GPTQModel {kernel} kernel on CPU"
 
 
+def apply_runtime_patches(model, meta: dict) -> list[str]:
+    """Run the patches a stage recorded in the artifact (e.g. a KV-cache quantizer): each entry
+    names an importable `module:function(model, config) -> description`."""
+    import importlib
+
+    notes = []
+    for patch in meta.get("runtime_patches", []):
+        module, _, fn = patch["entry"].partition(":")
+        try:
+            hook = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise QuantpipeError(f"artifact names runtime patch '{patch['entry']}', which cannot be imported: {e}") from None
+        notes.append(hook(model, patch.get("config", {})))
+    return notes
+
+
 def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 4096) -> LoadedModel:
     import torch
     from lm_eval.models.huggingface import HFLM
@@ -90,6 +106,7 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
         model, how = _load_gptqmodel(art)
     else:
         raise QuantpipeError(f"no evaluation backend for artifact format '{art.format}' ({art.path})")
+    how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
     tokenizer = AutoTokenizer.from_pretrained(art.path)
     torch.manual_seed(1234)
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length

@@ -29,7 +29,7 @@ class AWQStage(Stage):
         if self.params.backend == "gptqmodel" and self.params.symmetric:
             raise ValueError("GPTQModel's AWQ format is asymmetric; set symmetric: false")
 
-    def output_format(self) -> str:
+    def output_format(self, input_format: str = "hf") -> str:
         return "awq" if self.params.backend == "gptqmodel" else "compressed-tensors"
 
     def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:

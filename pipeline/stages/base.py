@@ -74,8 +74,8 @@ class Stage:
     def check(self, model: ModelInfo) -> None:
         """Raise ValueError naming the parameter when it cannot work for this model."""
 
-    def output_format(self) -> str:
-        """The format run() will produce, known before running (for chain validation)."""
+    def output_format(self, input_format: str = "hf") -> str:
+        """The format run() will produce from `input_format`, known before running (chain validation)."""
         return "hf"
 
     def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:

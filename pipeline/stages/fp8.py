@@ -24,7 +24,7 @@ class FP8Stage(Stage):
     Params = FP8Params
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
-    def output_format(self) -> str:
+    def output_format(self, input_format: str = "hf") -> str:
         return "compressed-tensors"
 
     def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:

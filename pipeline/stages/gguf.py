@@ -81,7 +81,7 @@ class GGUFStage(Stage):
         except ImportError:
             raise ValueError("the gguf stage needs llama-cpp-python (pip install -e '.[gguf]', see README)") from None
 
-    def output_format(self) -> str:
+    def output_format(self, input_format: str = "hf") -> str:
         return "gguf"
 
     def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:

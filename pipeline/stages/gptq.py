@@ -27,7 +27,7 @@ class GPTQStage(Stage):
     def check(self, model: ModelInfo) -> None:
         check_group_size(self.params, model)
 
-    def output_format(self) -> str:
+    def output_format(self, input_format: str = "hf") -> str:
         return "gptq" if self.params.backend == "gptqmodel" else "compressed-tensors"
 
     def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:
