@@ -81,6 +81,12 @@ class Runner:
             key = store.content_key(art.key, stage.name, params, versions, self.recipe.calibration.model_dump())
             final = self.root / variant / "stages" / f"{i:02d}-{stage.name}"
             manifest, why = store.verify(final, key)
+            if manifest is None:  # another variant with the same chain prefix may have built it
+                for other in sorted(self.root.glob(f"*/stages/{i:02d}-{stage.name}")):
+                    found, _ = store.verify(other, key)
+                    if found is not None:
+                        final, manifest = other, found
+                        break
             if manifest is not None:
                 log(f"{variant}: stage {i} '{stage.name}' reused ({final})")
                 art = Artifact(final, manifest["format"], key, manifest.get("bits"), manifest.get("meta", {}))
