@@ -39,8 +39,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def tools_dir() -> Path:
-    home = Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe"))
-    return home / "tools" / f"llama.cpp-{version('llama-cpp-python')}"
+    # Shared by every quantpipe home (tests use throwaway homes): it depends only on the version.
+    root = Path(os.environ.get("QUANTPIPE_TOOLS", Path.home() / ".cache" / "quantpipe" / "tools"))
+    return root / f"llama.cpp-{version('llama-cpp-python')}"
 
 
 def converter() -> Path:
