@@ -118,6 +118,7 @@ class Evaluator:
             os.environ[OPT_IN_ENV] = "1"
         self.allow_code = allow_code_execution
         data_dir = data_dir or recipe.data_dir()
+        self.data_dir = data_dir
         mirrors = None
         if data_dir is not None:
             from .offline_data import build_mirrors

@@ -51,7 +51,9 @@ def build_table(root: Path, rows: list[str]) -> dict:
         meta = _read(d / "row.json") or {}
         err = _read(d / "error.json")
         scores = base if name == "base" else _row_scores(d)
+        div = _read(d / "divergence.json")
         entry = {"row": name, "bits": meta.get("bits") or (meta.get("dtype") if name == "base" else None),
+                 "divergence": {k: v for k, v in div.items() if isinstance(v, dict)} if div else None,
                  "format": meta.get("format"), "size_bytes": meta.get("size_bytes"),
                  "chain": meta.get("chain", []), "error": err["error"] if err else None, "benchmarks": {}}
         drops = []
@@ -115,6 +117,21 @@ def to_markdown(t: dict) -> str:
         "How each row was evaluated:",
     ]
     lines += [f"- {e['row']}: {e['evaluated_as'] or '–'}" + (f" — error: {e['error']}" if e["error"] else "") for e in t["rows"]]
+    div_rows = [e for e in t["rows"] if e.get("divergence")]
+    if div_rows:
+        sets = sorted({s for e in div_rows for s in e["divergence"]})
+        lines += ["", "Distribution distance to the base (next-token, top-64 coarsened KL; lower is closer):", "",
+                  "| Method | " + " | ".join(f"{s}: KL | {s}: same top-1 | {s}: PPL ratio" for s in sets) + " |",
+                  "|---|" + "---|---|---|" * len(sets)]
+        for e in div_rows:
+            cells = []
+            for s in sets:
+                d = e["divergence"].get(s)
+                cells += [f"{d['mean_kl']:.4f}", f"{100 * d['top1_agreement']:.1f}%", f"{d['ppl_ratio']:.3f}"] if d else ["–"] * 3
+            lines.append(f"| {e['row']} | " + " | ".join(cells) + " |")
+        n = {s: max(e["divergence"][s]["tokens"] for e in div_rows if s in e["divergence"]) for s in sets}
+        lines.append("\nTokens: " + ", ".join(f"{s} {n[s]}" for s in sets) + " (docs: stdlib docstrings disjoint from the "
+                     "calibration corpus; prompts: GSM8K and TruthfulQA questions).")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +142,7 @@ def to_csv(t: dict) -> str:
     header = ["method", "bits"]
     for c in cols:
         header += [f"{c}", f"{c}_stderr", f"{c}_n", f"{c}_diff", f"{c}_ci_low", f"{c}_ci_high", f"{c}_p", f"{c}_flips_c2w", f"{c}_flips_w2c"]
-    w.writerow(header + ["size_bytes", "avg_drop_pct", "evaluated_as", "error"])
+    w.writerow(header + ["size_bytes", "avg_drop_pct", "kl_docs", "top1_docs", "ppl_ratio_docs", "evaluated_as", "error"])
     for e in t["rows"]:
         row = [e["row"], e["bits"] or ""]
         for c in cols:
@@ -133,7 +150,9 @@ def to_csv(t: dict) -> str:
             p = cell.get("paired") or {}
             row += [cell.get("score", ""), cell.get("stderr", ""), cell.get("n", ""), p.get("diff", ""), p.get("ci_low", ""),
                     p.get("ci_high", ""), p.get("p_value", ""), p.get("correct_to_wrong", ""), p.get("wrong_to_correct", "")]
-        w.writerow(row + [e["size_bytes"] or "", "" if e["avg_drop_pct"] is None else e["avg_drop_pct"], e["evaluated_as"], e["error"] or ""])
+        d = (e.get("divergence") or {}).get("docs") or {}
+        w.writerow(row + [e["size_bytes"] or "", "" if e["avg_drop_pct"] is None else e["avg_drop_pct"],
+                          d.get("mean_kl", ""), d.get("top1_agreement", ""), d.get("ppl_ratio", ""), e["evaluated_as"], e["error"] or ""])
     return buf.getvalue()
 
 

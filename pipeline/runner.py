@@ -108,6 +108,40 @@ class Runner:
         return art
 
     # -- evaluation -----------------------------------------------------------------------------
+    def _load(self, row: str, art: Artifact):
+        from .backends import load_for_eval
+
+        log(f"{row}: loading {art.path} for evaluation")
+        return load_for_eval(art, self.recipe.model.dtype, self.evaluator.batch_size)
+
+    def divergence(self, row: str, art: Artifact, loaded):
+        """KL / top-1 agreement / perplexity ratio against the base's stored top-K reference."""
+        from . import divergence as dv
+
+        texts = dv.corpus(self.evaluator.data_dir)
+        ref_path = self.root / "base" / "divergence-reference.npz"
+        ref_key = store.content_key(self.base.key, dv.corpus_key(texts))
+        key_file = ref_path.with_suffix(".key")
+        if not (ref_path.is_file() and key_file.is_file() and key_file.read_text() == ref_key):
+            if row != "base":
+                raise QuantpipeError("base divergence reference missing; re-run so the base row computes it")
+            loaded = loaded or self._load(row, art)
+            log("base: computing the top-K reference distribution for KL")
+            dv.save_reference(dv.base_reference(loaded, loaded.lm.tokenizer, texts), ref_path)
+            store.atomic_write_text(key_file, ref_key)
+            return loaded
+        if row == "base":
+            return loaded
+        out = self.root / row / "divergence.json"
+        key = store.content_key(art.key, ref_key)
+        old = _read_json(out)
+        if old and old.get("key") == key:
+            return loaded
+        loaded = loaded or self._load(row, art)
+        log(f"{row}: KL divergence to base")
+        store.atomic_write_json(out, {"key": key, "top_k": dv.TOP_K, **dv.compare(loaded, dv.load_reference(ref_path))})
+        return loaded
+
     def evaluate(self, row: str, art: Artifact) -> None:
         loaded = None
         for task in self.evaluator.tasks:
@@ -118,16 +152,13 @@ class Runner:
             if old and old.get("key") == key and (path.with_suffix(".samples.jsonl")).is_file():
                 log(f"{row}: {task} reused")
                 continue
-            if loaded is None:
-                from .backends import load_for_eval
-
-                log(f"{row}: loading {art.path} for evaluation")
-                loaded = load_for_eval(art, self.recipe.model.dtype, self.evaluator.batch_size)
+            loaded = loaded or self._load(row, art)
             log(f"{row}: evaluating {task} ({loaded.evaluated_as})")
             record, samples = self.evaluator.run(loaded, task)
             # samples first, the record last: the record is what marks the evaluation complete
             store.atomic_write_text(path.with_suffix(".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
             store.atomic_write_json(path, {"key": key, "settings": settings, **record})
+        self.divergence(row, art, loaded)
 
     def run(self) -> Path:
         from .report import write_report

@@ -1,0 +1,47 @@
+"""KL / top-1 agreement / perplexity ratio from the stored top-K base reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import divergence as dv
+from pipeline.backends import load_for_eval
+from pipeline.stages.base import Artifact
+
+
+@pytest.fixture(scope="module")
+def base_loaded(tiny_model):
+    return load_for_eval(Artifact(tiny_model, "hf", key="b"), "float32", batch_size=1)
+
+
+TEXTS = {"docs": dv.corpus(None)["docs"][:3000]}
+
+
+def test_identical_model_gives_zero_kl_full_agreement(base_loaded, tmp_path):
+    ref = dv.base_reference(base_loaded, base_loaded.lm.tokenizer, TEXTS)
+    dv.save_reference(ref, tmp_path / "ref.npz")
+    out = dv.compare(base_loaded, dv.load_reference(tmp_path / "ref.npz"))["docs"]
+    assert out["tokens"] > 100
+    assert out["mean_kl"] == pytest.approx(0, abs=1e-6) and out["top1_agreement"] == 1.0
+    assert out["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_topk_kl_is_a_tight_lower_bound_of_the_exact_kl(base_loaded, tiny_model, tmp_path):
+    ref = dv.base_reference(base_loaded, base_loaded.lm.tokenizer, TEXTS)
+    other = load_for_eval(Artifact(tiny_model, "hf", key="b"), "float32", batch_size=1)
+    with torch.no_grad():  # perturb the weights like a coarse quantizer would
+        g = torch.Generator().manual_seed(0)
+        for p in other.lm.model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * p.std() * 0.3)
+    approx = dv.compare(other, ref)["docs"]
+    exact = []
+    for w in ref["docs"]["windows"]:
+        p, q = dv.sequence_logprobs(base_loaded, w), dv.sequence_logprobs(other, w)
+        exact.append((np.exp(p) * (p - q)).sum(-1))
+    exact = float(np.concatenate(exact).mean())
+    assert approx["mean_kl"] <= exact + 1e-9
+    assert approx["mean_kl"] > 0.5 * exact > 0  # the top-64 of a 512-token vocab carry most of the KL
+    assert approx["top1_agreement"] < 1.0 and approx["ppl_ratio"] > 1.0
