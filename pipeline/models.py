@@ -136,3 +136,22 @@ def fingerprint(path: Path | str) -> str:
         if f.is_file():
             h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def count_parameters(path: Path | str) -> int | None:
+    """Parameters in a local safetensors checkpoint, read from the file headers only."""
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in files:
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total

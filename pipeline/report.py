@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .artifacts import atomic_write_json, atomic_write_text
 from .evaluation import BENCHMARKS, item_scores
+from .stats import fmt_points as _pts
 from .stats import mean_stderr, paired
 
 
@@ -89,7 +90,7 @@ def _cell(entry, col):
     p = c.get("paired")
     if p and p["n"]:
         mark = "*" if p["significant"] else ""
-        text += f" (Δ {100 * p['diff']:+.1f} [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]{mark})"
+        text += f" (Δ {_pts(p['diff'])} [{_pts(p['ci_low'])}, {_pts(p['ci_high'])}]{mark})"
     return text
 
 
@@ -101,7 +102,7 @@ def to_markdown(t: dict) -> str:
         if e["error"] and not e["benchmarks"]:
             lines.append(f"| {e['row']} | {e['bits'] or '–'} | " + " | ".join(["failed"] * len(cols)) + f" | – | error: {e['error'][:80]} |")
             continue
-        avg = "reference" if e["row"] == "base" else ("–" if e["avg_drop_pct"] is None else f"{e['avg_drop_pct']:.1f}%")
+        avg = "reference" if e["row"] == "base" else ("–" if e["avg_drop_pct"] is None else f"{_pts(e['avg_drop_pct'] / 100, sign=False)}%")
         lines.append(f"| {e['row']} | {e['bits'] or '–'} | " + " | ".join(_cell(e, c) for c in cols)
                      + f" | {_fmt_size(e['size_bytes'])} | {avg} |")
     n = {c: max((e["benchmarks"].get(c, {}).get("n", 0) for e in t["rows"]), default=0) for c in cols}
@@ -158,7 +159,7 @@ def to_csv(t: dict) -> str:
 
 def write_report(root: Path, recipe_name: str, rows: list[str] | None = None) -> Path:
     if rows is None and (root / "recipe.json").is_file():
-        rows = ["base", *json.loads((root / "recipe.json").read_text())["variants"]]
+        rows = ["base", *json.loads((root / "recipe.json").read_text())["variant_order"]]
     if rows is None:
         rows = ["base"] + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in ("base", "report") and not p.name.startswith("."))
     t = build_table(root, rows)
@@ -168,4 +169,11 @@ def write_report(root: Path, recipe_name: str, rows: list[str] | None = None) ->
     atomic_write_text(out / "degradation.md", md)
     atomic_write_text(out / "degradation.csv", to_csv(t))
     atomic_write_json(out / "degradation.json", t)
+    from .report_html import model_card, to_html
+
+    n_params = (_read(root / "base" / "row.json") or {}).get("n_params")
+    atomic_write_text(out / "report.html", to_html(t, n_params))
+    for e in t["rows"]:
+        if e["row"] != "base" and e["benchmarks"]:
+            atomic_write_text(out / "model-cards" / f"{e['row']}.md", model_card(t, e["row"]))
     return out

@@ -17,7 +17,7 @@ from . import artifacts as store
 from .calibration import load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator
-from .models import fingerprint, model_info, resolve_model
+from .models import count_parameters, fingerprint, model_info, resolve_model
 from .recipe import Recipe, check_against_model
 from .stages.base import Artifact, StageContext
 
@@ -167,12 +167,14 @@ class Runner:
         with store.run_lock(self.root):
             store.clean_stale_tmp(self.root)
             self.prepare()
-            store.atomic_write_json(self.root / "recipe.json", self.recipe.model_dump(mode="json"))
+            store.atomic_write_json(self.root / "recipe.json", {
+                **self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)})
             base_dir = self.root / "base"
             store.atomic_write_json(base_dir / "row.json", {
                 "variant": "base", "chain": [], "format": "hf", "bits": None, "key": self.base.key,
                 "path": str(self.base.path), "size_bytes": store.dir_size(Path(self.base.path)) if Path(str(self.base.path)).exists() else None,
                 "model": self.recipe.model.id, "dtype": self.recipe.model.dtype,
+                "n_params": count_parameters(self.base.path) if Path(str(self.base.path)).exists() else None,
             })
             self.evaluate("base", self.base)
             for variant in self.variants:

@@ -32,6 +32,12 @@ class Paired:
         return {**asdict(self), "significant": self.significant}
 
 
+def fmt_points(x: float, sign: bool = True) -> str:
+    """A fraction as percentage points with one decimal, never printing '-0.0'."""
+    v = round(100 * x, 1) + 0.0
+    return f"{v:+.1f}" if sign else f"{v:.1f}"
+
+
 def mean_stderr(values) -> tuple[float, float]:
     v = np.asarray(values, dtype=float)
     if len(v) < 2:

@@ -27,7 +27,7 @@ def make_run(root, base: list[int], variants: dict[str, list[int]], bench_task="
     write("base", base)
     for name, vals in variants.items():
         write(name, vals)
-    (root / "recipe.json").write_text(json.dumps({"variants": list(variants)}))
+    (root / "recipe.json").write_text(json.dumps({"variant_order": list(variants)}))
     write_report(root, "t")
     return root
 

@@ -164,3 +164,28 @@ def test_failing_variant_is_marked_and_others_finish(tiny_model, data_dir, tmp_p
     assert "calibration file not found" in rows["gptq-4bit"]["error"] and not rows["gptq-4bit"]["benchmarks"]
     assert rows["fp8"]["error"] is None and set(rows["fp8"]["benchmarks"]) == {"GSM8K", "TruthfulQA"}
     assert "gptq-4bit: FAILED" in r.stderr
+
+
+def test_html_report_renders_with_plots_in_headless_chromium(finished, tmp_path):
+    import shutil
+
+    _, _, root, _ = finished
+    page = root / "report" / "report.html"
+    text = page.read_text()
+    assert text.count("<svg class=\"plot\"") == 4 and "http" not in text.replace("http-equiv", "")  # no network needed
+    assert (root / "report" / "model-cards" / "fp8.md").read_text().startswith("## Quantization quality: fp8")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not browser:
+        pytest.skip("no headless Chromium on this machine (.ci/run installs Debian's chromium)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                    "--window-size=1400,1200", f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = Image.open(shot).convert("RGB")
+    colors = img.getcolors(maxcolors=1 << 20)
+    assert img.size == (1400, 1200) and len(colors) > 50  # a rendered page, not a blank one
+    # the plots' markers: the first two row colours (#1f77b4 base, #d62728 fp8) are painted
+    present = {c for _, c in colors}
+    assert (0x1F, 0x77, 0xB4) in present and (0xD6, 0x27, 0x28) in present
