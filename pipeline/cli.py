@@ -1,4 +1,4 @@
-"""Command line: quantpipe run | table | gate | validate | stages | models fetch."""
+"""Command line: quantpipe run | table | gate | doctor | validate | stages | models fetch."""
 
 from __future__ import annotations
 
@@ -62,6 +62,17 @@ def _gate(a) -> int:
     return verdict.exit_code
 
 
+def _doctor(a) -> int:
+    from .doctor import check
+
+    findings = check(a.recipe, Path(a.artifacts), a.allow_code_execution)
+    for f in findings:
+        print(f"{'ok  ' if f.ok else 'FAIL'} {f.what}" + (f"\n     fix: {f.fix}" if f.fix else ""))
+    bad = sum(not f.ok for f in findings)
+    print(f"{bad} problem(s)" if bad else "ready")
+    return 1 if bad else 0
+
+
 def _validate(a) -> int:
     from .evaluation import resolve_tasks
     from .recipe import load_recipe
@@ -116,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", help="write the verdict as JSON here")
     g.add_argument("--junit", help="write the verdict as JUnit XML here")
     g.set_defaults(fn=_gate)
+
+    d = sub.add_parser("doctor", help="check packages, accelerator, disk, data and opt-ins before a long run")
+    d.add_argument("recipe", nargs="?")
+    d.add_argument("--artifacts", default="artifacts")
+    d.add_argument("--allow-code-execution", action="store_true")
+    d.set_defaults(fn=_doctor)
 
     v = sub.add_parser("validate", help="check a recipe without running anything")
     v.add_argument("recipe")

@@ -189,3 +189,35 @@ def test_html_report_renders_with_plots_in_headless_chromium(finished, tmp_path)
     # the plots' markers: the first two row colours (#1f77b4 base, #d62728 fp8) are painted
     present = {c for _, c in colors}
     assert (0x1F, 0x77, 0xB4) in present and (0xD6, 0x27, 0x28) in present
+
+
+def test_killed_at_random_points_then_resumed(finished, tiny_model, data_dir, tmp_path):
+    """SIGKILL at seeded random moments, several times; nothing finished is redone, the final table
+    equals the uninterrupted run's, and no half-written artifact is ever taken for a finished one."""
+    import random
+
+    _, _, ref_root, _ = finished
+    recipe = write_recipe(tmp_path, tiny_model, data_dir)
+    art = tmp_path / "art"
+    rng = random.Random(1234)
+    finished_files: dict[Path, int] = {}
+    kills = 0
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3, 15))
+        if proc.poll() is not None:
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        for p, mtime in finished_files.items():
+            assert p.stat().st_mtime_ns == mtime, f"{p} was redone after a kill"
+        finished_files.update({p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("*.json")
+                               if p.name == "manifest.json" or p.parent.name == "eval"})
+    r = quantpipe("run", recipe, "--artifacts", art, "--allow-code-execution")
+    for p, mtime in finished_files.items():
+        assert p.stat().st_mtime_ns == mtime, f"{p} was redone"
+    assert kills >= 2, "the run finished before it could be interrupted twice"
+    assert table_numbers(art / "tiny") == table_numbers(ref_root)
+    assert "FAILED" not in r.stderr

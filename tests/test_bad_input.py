@@ -1,0 +1,86 @@
+"""Bad input gets one clear line naming the problem (exit 2), before any work, losing nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.errors import QuantpipeError
+from pipeline.models import model_info, resolve_model
+from pipeline.offline_data import build_mirrors
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_missing_dataset_file_is_named(tmp_path, data_dir):
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d, ignore=shutil.ignore_patterns("test.jsonl"))  # drops every test split
+    with pytest.raises(QuantpipeError, match=r"dataset file missing: .*gsm8k/test.jsonl|mmlu/test.jsonl"):
+        build_mirrors(d)
+    with pytest.raises(QuantpipeError, match="data directory not found"):
+        build_mirrors(tmp_path / "nowhere")
+
+
+def test_corrupt_mmlu_row_is_named(tmp_path, data_dir):
+    d = tmp_path / "data"
+    shutil.copytree(data_dir, d)
+    (d / "mmlu" / "dev.jsonl").write_text('{"question": "q", "choices": []}\n')
+    with pytest.raises(QuantpipeError, match=r"dev.jsonl:1 is not an MMLU row"):
+        build_mirrors(d)
+
+
+def test_corrupt_model_folder(tmp_path, tiny_model):
+    bad = tmp_path / "m"
+    shutil.copytree(tiny_model, bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(QuantpipeError, match="cannot read the model config"):
+        model_info(resolve_model(str(bad), offline=True))
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    r = tmp_path / "r.yaml"
+    cases = {
+        "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: nope}]}\n": "unknown stage 'nope'",
+        "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: gptq, bits: 'four'}]}\n": "variants.v[0].bits",
+        "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: fp8}]}\ncalibration: {num_samples: 0}\n": "calibration.num_samples",
+        "- just\n- a list\n": "expected a mapping",
+        "name: x\nmodel: {id: ./no/such/dir}\nvariants: {v: [{stage: fp8}]}\neval: {tasks: {humaneval: null}}\n": "no config.json",
+    }
+    for text, needle in cases.items():
+        r.write_text(text)
+        out = cli("run", r, "--artifacts", tmp_path / "art")
+        assert out.returncode == 2, (text, out.stderr)
+        assert needle in out.stderr and "Traceback" not in out.stderr, (needle, out.stderr)
+
+
+def test_empty_calibration_set_fails_only_that_variant(tmp_path, tiny_model, data_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "e", "model": {"id": str(tiny_model)}, "offline": True,
+        "calibration": {"dataset": str(empty)},
+        "eval": {"suite": "smoke", "data_dir": str(data_dir), "tasks": {"humaneval": None, "mmlu": None, "gsm8k": None, "truthfulqa_mc2": None}},
+        "variants": {"gptq": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]}}))
+    out = cli("run", recipe, "--artifacts", tmp_path / "art")
+    assert out.returncode == 0, out.stderr[-2000:]
+    err = json.loads((tmp_path / "art" / "e" / "gptq" / "error.json").read_text())["error"]
+    assert "is empty" in err
+    assert (tmp_path / "art" / "e" / "fp8" / "eval" / "truthfulqa_mc1.json").is_file()
+
+
+def test_doctor_reports_missing_opt_in_and_passes_with_it(tmp_path, tiny_model, data_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "d", "model": {"id": str(tiny_model)}, "eval": {"suite": "smoke", "data_dir": str(data_dir)},
+                                      "variants": {"fp8": [{"stage": "fp8"}]}}))
+    out = cli("doctor", recipe, "--artifacts", tmp_path / "art")
+    assert out.returncode == 1 and "FAIL HumanEval" in out.stdout and "--allow-code-execution" in out.stdout
+    out = cli("doctor", recipe, "--artifacts", tmp_path / "art", "--allow-code-execution")
+    assert out.returncode == 0 and "ready" in out.stdout and "all files present" in out.stdout
