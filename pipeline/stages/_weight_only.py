@@ -31,6 +31,18 @@ def check_group_size(p: WeightOnlyParams, model: ModelInfo) -> None:
             )
 
 
+def int_weight_scheme(p: WeightOnlyParams, symmetric: bool, actorder: str | None = None) -> dict:
+    """llm-compressor config_groups for W{bits}A16 integer weights, grouped or per channel."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(
+        num_bits=p.bits, type="int", symmetric=symmetric,
+        strategy="group" if p.group_size > 0 else "channel",
+        group_size=p.group_size if p.group_size > 0 else None, actorder=actorder,
+    )
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
 def gptqmodel_quantize(inp: Artifact, out_dir: Path, ctx: StageContext, quantize_config) -> None:
     """Quantize with GPTQModel and save its native checkpoint (GPTQ v1 / AWQ layout)."""
     # GPTQModel sizes its CPU worker pools from this; on 2-core machines it must not exceed the cores.

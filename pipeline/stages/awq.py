@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._llmcompressor import oneshot_to_compressed_tensors
-from ._weight_only import WeightOnlyParams, _cuda, check_group_size, gptqmodel_quantize
+from ._weight_only import WeightOnlyParams, _cuda, check_group_size, gptqmodel_quantize, int_weight_scheme
 from .base import Artifact, ModelInfo, Stage, StageContext
 
 
@@ -43,19 +43,8 @@ class AWQStage(Stage):
             gptqmodel_quantize(inp, out_dir, ctx, qc)
             return Artifact(out_dir, "awq", key="", bits=bits)
 
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.awq import AWQModifier
 
-        scheme = QuantizationScheme(
-            targets=["Linear"],
-            weights=QuantizationArgs(
-                num_bits=p.bits,
-                type="int",
-                symmetric=p.symmetric,
-                strategy="group" if p.group_size > 0 else "channel",
-                group_size=p.group_size if p.group_size > 0 else None,
-            ),
-        )
-        modifier = AWQModifier(config_groups={"group_0": scheme}, ignore=p.ignore)
+        modifier = AWQModifier(config_groups=int_weight_scheme(p, p.symmetric), ignore=p.ignore)
         oneshot_to_compressed_tensors(inp, out_dir, ctx, modifier, needs_data=True)
         return Artifact(out_dir, "compressed-tensors", key="", bits=bits)

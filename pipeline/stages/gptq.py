@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._llmcompressor import oneshot_to_compressed_tensors
-from ._weight_only import WeightOnlyParams, check_group_size, gptqmodel_quantize
+from ._weight_only import WeightOnlyParams, check_group_size, gptqmodel_quantize, int_weight_scheme
 from .base import Artifact, ModelInfo, Stage, StageContext
 
 
@@ -42,20 +42,9 @@ class GPTQStage(Stage):
             gptqmodel_quantize(inp, out_dir, ctx, qc)
             return Artifact(out_dir, "gptq", key="", bits=bits)
 
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        scheme = QuantizationScheme(
-            targets=["Linear"],
-            weights=QuantizationArgs(
-                num_bits=p.bits,
-                type="int",
-                symmetric=p.symmetric,
-                strategy="group" if p.group_size > 0 else "channel",
-                group_size=p.group_size if p.group_size > 0 else None,
-                actorder="static" if p.act_order else None,
-            ),
-        )
-        modifier = GPTQModifier(config_groups={"group_0": scheme}, ignore=p.ignore, dampening_frac=p.dampening_frac)
+        modifier = GPTQModifier(config_groups=int_weight_scheme(p, p.symmetric, "static" if p.act_order else None),
+                                ignore=p.ignore, dampening_frac=p.dampening_frac)
         oneshot_to_compressed_tensors(inp, out_dir, ctx, modifier, needs_data=True)
         return Artifact(out_dir, "compressed-tensors", key="", bits=bits)
