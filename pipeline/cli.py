@@ -18,7 +18,7 @@ def _run(a) -> int:
     if a.offline:
         recipe.offline = True
     report = Runner(recipe, Path(a.artifacts), a.allow_code_execution,
-                    Path(a.data_dir) if a.data_dir else None, a.variant).run()
+                    Path(a.data_dir) if a.data_dir else None, a.variant).run(wait=a.wait)
     print((report / "degradation.md").read_text())
     print(f"report: {report}/degradation.{{md,csv,json}}", file=sys.stderr)
     return 0
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="local dataset copies (overrides the recipe's eval.data_dir)")
     r.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
     r.add_argument("--variant", action="append", help="run only this variant (repeatable)")
+    r.add_argument("--wait", action="store_true", help="if another run holds this recipe's folder, wait for it")
     r.set_defaults(fn=_run)
 
     t = sub.add_parser("table", help="rebuild and print the table from stored results")

@@ -160,11 +160,11 @@ class Runner:
             store.atomic_write_json(path, {"key": key, "settings": settings, **record})
         self.divergence(row, art, loaded)
 
-    def run(self) -> Path:
+    def run(self, wait: bool = False) -> Path:
         from .report import write_report
 
         self.root.mkdir(parents=True, exist_ok=True)
-        with store.run_lock(self.root):
+        with store.run_lock(self.root, wait=wait):
             store.clean_stale_tmp(self.root)
             self.prepare()
             store.atomic_write_json(self.root / "recipe.json", {

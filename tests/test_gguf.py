@@ -106,3 +106,11 @@ def test_greedy_generation_stops_at_stop_strings(ggufs):
     assert stopped == free.split(stop)[0] and stop not in stopped and len(stopped) < len(free)
     # deterministic: same request, same text
     assert lm.generate_until([Req((prompt, {"until": [], "max_gen_toks": 24, "do_sample": False}))])[0] == free
+
+
+def test_rolling_loglikelihood_matches_hf(ggufs, hf):
+    lm = llama(ggufs["F16"])
+    reqs = [Req((FIXED_TEXT,)), Req(("def f(x):\n    return x + 1\n",))]
+    ours, ref = lm.loglikelihood_rolling(reqs), hf.loglikelihood_rolling(reqs)
+    assert ours == pytest.approx(ref, abs=0.02), (ours, ref)
+    assert all(x < 0 for x in ours)

@@ -147,6 +147,15 @@ def test_second_run_on_same_folder_names_the_holder(tiny_model, data_dir, tmp_pa
     with run_lock(tmp_path / "art" / "tiny"):
         r = quantpipe("run", recipe, "--artifacts", tmp_path / "art", check=False)
     assert r.returncode == 2 and "in use by another run" in r.stderr and f"pid {os.getpid()}" in r.stderr
+    # --wait queues behind the holder instead, and runs once the lock is released
+    import threading
+
+    lock = run_lock(tmp_path / "art" / "tiny")
+    lock.__enter__()
+    threading.Timer(3.0, lambda: lock.__exit__(None, None, None)).start()
+    t0 = time.time()
+    r = quantpipe("run", recipe, "--artifacts", tmp_path / "art", "--variant", "fp8", "--wait")
+    assert time.time() - t0 > 3.0 and "fp8: running stage 0" in r.stderr
 
 
 def test_failing_variant_is_marked_and_others_finish(tiny_model, data_dir, tmp_path):
