@@ -57,11 +57,10 @@ class Runner:
         self.info = model_info(self.model_path)
         check_against_model(self.recipe, self.info)
         self.evaluator = Evaluator(self.recipe, self.root / ".work", self.allow_code, self.data_dir)
-        self.base = Artifact(
-            Path(self.model_path) if Path(str(self.model_path)).exists() else self.model_path,
-            "hf", key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype),
-            bits=None,
-        )
+        # a local folder, or (online) a hub id that transformers resolves itself
+        self.base_dir = Path(self.model_path) if Path(str(self.model_path)).exists() else None
+        self.base = Artifact(self.base_dir or self.model_path, "hf",
+                             key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype))
 
     def calibration(self) -> list[str]:
         if self._calibration is None:
@@ -74,7 +73,7 @@ class Runner:
         ctx = StageContext(self.calibration, self.recipe.calibration.seq_len, self.recipe.calibration.seed)
         art = self.base
         chain = []
-        for i, (spec, stage) in enumerate(zip(self.recipe.variants[variant], self.recipe.stages(variant))):
+        for i, stage in enumerate(self.recipe.stages(variant)):
             params = stage.params.model_dump(mode="json")
             chain.append({"stage": stage.name, "params": params})
             versions = store.lib_versions(stage.libraries)
@@ -172,9 +171,9 @@ class Runner:
             base_dir = self.root / "base"
             store.atomic_write_json(base_dir / "row.json", {
                 "variant": "base", "chain": [], "format": "hf", "bits": None, "key": self.base.key,
-                "path": str(self.base.path), "size_bytes": store.dir_size(Path(self.base.path)) if Path(str(self.base.path)).exists() else None,
+                "path": str(self.base.path), "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
                 "model": self.recipe.model.id, "dtype": self.recipe.model.dtype,
-                "n_params": count_parameters(self.base.path) if Path(str(self.base.path)).exists() else None,
+                "n_params": count_parameters(self.base_dir) if self.base_dir else None,
             })
             self.evaluate("base", self.base)
             for variant in self.variants:
