@@ -111,7 +111,7 @@ def to_markdown(t: dict) -> str:
         "Scores in % (mean ± standard error over items). Δ: variant minus base in points, with a paired 95% "
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "
         "test for 0/1 metrics, paired bootstrap otherwise). Avg drop: the mean over benchmarks of the relative "
-        "drop (base − variant) / base, in %. Items per benchmark: " + ", ".join(f"{c} {n[c]}" for c in cols) + ".",
+        "drop (base − variant) / base, in %, over the benchmarks where the base scores above 0. Items per benchmark: " + ", ".join(f"{c} {n[c]}" for c in cols) + ".",
         "MMLU: acc (5-shot); HumanEval: pass@1 (greedy); GSM8K: exact match, flexible-extract (5-shot); "
         "TruthfulQA: MC2 (0-shot). Size: bytes on disk of the artifact's files.",
         "",

@@ -99,7 +99,7 @@ class TurboQuantStage(Stage):
         patches = list(inp.meta.get("runtime_patches", [])) + [
             {"entry": "pipeline.turboquant:apply_kv_cache", "config": kv_config_dict(cfg)}]
         label = f"KV k{cfg.key_bits}v{cfg.value_bits} {cfg.mode} ({eff:.2f} b/elt)"
-        bits = f"{inp.bits} + {label}" if inp.bits else f"W16 + {label}"
+        bits = f"{inp.bits or 'base weights'} + {label}"
         return Artifact(out_dir, inp.format, key="", bits=bits,
                         meta={**inp.meta, "runtime_patches": patches, "kv_bits_per_element": round(eff, 3)})
 
