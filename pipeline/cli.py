@@ -40,7 +40,7 @@ def _gate(a) -> int:
 
     table, cfg = load_table(Path(a.target))
     merged = (cfg.model_dump() if cfg else {}) | {k: v for k, v in {
-        "max_avg_drop": a.max_avg_drop, "min_items": a.min_items,
+        "max_avg_drop": a.max_avg_drop, "min_items": a.min_items, "min_recovery": a.min_recovery, "max_kl": a.max_kl,
         "require_significant": a.require_significant or None, "variants": a.variant}.items() if v is not None}
     for item in a.max_drop or []:
         bench, _, value = item.partition("=")
@@ -51,8 +51,8 @@ def _gate(a) -> int:
         except ValueError:
             raise QuantpipeError(f"--max-drop {item}: '{value}' is not a number") from None
     cfg = GateConfig.model_validate(merged)
-    if not cfg.max_drop and cfg.max_avg_drop is None:
-        raise QuantpipeError("no thresholds: set gate: in the recipe or pass --max-drop / --max-avg-drop")
+    if not cfg.max_drop and cfg.max_avg_drop is None and cfg.min_recovery is None and cfg.max_kl is None:
+        raise QuantpipeError("no thresholds: set gate: in the recipe or pass --max-drop / --max-avg-drop / --min-recovery / --max-kl")
     verdict = evaluate_gate(table, cfg)
     print(summary(verdict))
     if a.json:
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("target", help="run folder (artifacts/<recipe>) or recipe file")
     g.add_argument("--max-drop", action="append", metavar="BENCH=POINTS", help="max drop in points (BENCH or default)")
     g.add_argument("--max-avg-drop", type=float, metavar="PCT", help="max average relative drop, %%")
+    g.add_argument("--min-recovery", type=float, metavar="PCT", help="min variant/base score per benchmark, %%")
+    g.add_argument("--max-kl", type=float, metavar="NATS", help="max mean next-token KL to the base")
     g.add_argument("--require-significant", action="store_true", help="fail only when the 95%% CI of the drop exceeds the threshold")
     g.add_argument("--min-items", type=int, help="below this many items an undecidable check is reported as such")
     g.add_argument("--variant", action="append", help="check only this variant (repeatable)")

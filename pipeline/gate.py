@@ -25,6 +25,8 @@ class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_drop: dict[str, float] = Field(default_factory=dict, description="benchmark (or 'default') -> points")
     max_avg_drop: float | None = Field(None, description="average relative drop, %")
+    min_recovery: float | None = Field(None, description="per benchmark: variant score / base score, % (e.g. 99)")
+    max_kl: float | None = Field(None, description="mean next-token KL to the base on the docs text, nats")
     require_significant: bool = False
     min_items: int = 30
     variants: list[str] | None = None
@@ -84,6 +86,23 @@ def evaluate_gate(table: dict, cfg: GateConfig) -> Verdict:
             elif drop > limit:
                 c.status, c.message = "fail", f"drop {drop:.1f} pts > {limit} (95% CI [{lo:.1f}, {hi:.1f}])"
             checks.append(c)
+        if cfg.min_recovery is not None:
+            for bench, cell in e["benchmarks"].items():
+                base = rows["base"]["benchmarks"].get(bench)
+                if not base or base["score"] <= 0:
+                    continue
+                rec = 100 * cell["score"] / base["score"]
+                bad = rec < cfg.min_recovery
+                checks.append(Check(name, f"{bench} recovery", "fail" if bad else "pass", round(rec, 2), cfg.min_recovery,
+                                    n=cell["n"], message=f"recovers {rec:.1f}% of the base score < {cfg.min_recovery}%" if bad else ""))
+        if cfg.max_kl is not None:
+            kl = ((e.get("divergence") or {}).get("docs") or {}).get("mean_kl")
+            if kl is None:
+                checks.append(Check(name, "KL", "error", message="no KL measured for this row"))
+            else:
+                bad = kl > cfg.max_kl
+                checks.append(Check(name, "KL", "fail" if bad else "pass", round(kl, 5), cfg.max_kl,
+                                    message=f"mean KL {kl:.4f} nats > {cfg.max_kl}" if bad else ""))
         if cfg.max_avg_drop is not None and e["avg_drop_pct"] is not None:
             bad = e["avg_drop_pct"] > cfg.max_avg_drop
             checks.append(Check(name, "average", "fail" if bad else "pass", round(e["avg_drop_pct"], 3), cfg.max_avg_drop,

@@ -66,7 +66,8 @@ def _cell(c: dict | None) -> str:
     p = c.get("paired")
     if p and p["n"]:
         cls = "sig" if p["significant"] else "ns"
-        flips = f"<br><small>flips −{p['correct_to_wrong']} / +{p['wrong_to_correct']}</small>" if p.get("correct_to_wrong") is not None else ""
+        flips = (f"<br><small>flips −{p['correct_to_wrong']} / +{p['wrong_to_correct']} ({p['flip_pct']:.1f}%)</small>"
+                 if p.get("correct_to_wrong") is not None else "")
         s += (f"<br><span class='{cls}'>Δ {_pts(p['diff'])} [{_pts(p['ci_low'])}, {_pts(p['ci_high'])}]"
               f"{' *' if p['significant'] else ''}</span>{flips}")
     return f"<td>{s}</td>"

@@ -29,7 +29,10 @@ class Paired:
         return self.p_value < 0.05
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "significant": self.significant}
+        d = {**asdict(self), "significant": self.significant}
+        if self.correct_to_wrong is not None and self.n:
+            d["flip_pct"] = 100 * (self.correct_to_wrong + self.wrong_to_correct) / self.n
+        return d
 
 
 def fmt_points(x: float, sign: bool = True) -> str:

@@ -100,3 +100,19 @@ def test_recipe_gate_section_is_validated(bad):
 
     with pytest.raises(RecipeError, match="gate"):
         parse_recipe({"name": "t", "model": {"id": "a/b"}, "variants": {"f": [{"stage": "fp8"}]}, "gate": bad})
+
+
+def test_min_recovery_and_max_kl(tmp_path):
+    var = [0] * 12 + BASE[12:]  # 108/120 correct kept: 90% recovery
+    run = make_run(tmp_path / "r", BASE, {"v": var})
+    assert gate(run, "--min-recovery", "95").returncode == 1
+    assert gate(run, "--min-recovery", "85").returncode == 0
+    r = gate(run, "--max-kl", "0.1")  # no KL measured in this fixture: an error, never a silent pass
+    assert r.returncode == 2 and "no KL measured" in r.stdout
+    (run / "v" / "divergence.json").write_text(json.dumps({"key": "k", "docs": {"mean_kl": 0.05, "top1_agreement": 0.9,
+                                                                                 "ppl_ratio": 1.05, "tokens": 100}}))
+    write_report(run, "t")
+    assert gate(run, "--max-kl", "0.1").returncode == 0
+    assert gate(run, "--max-kl", "0.01").returncode == 1
+    t = json.loads((run / "report" / "degradation.json").read_text())
+    assert t["rows"][1]["benchmarks"]["GSM8K"]["paired"]["flip_pct"] == pytest.approx(100 * 12 / 200)
