@@ -111,6 +111,6 @@ class GGUFStage(Stage):
         wanted_k = "_K" in p.type
         report["fallback_matrices"] = sum(
             n for t, n in report["matrix_types"].items()
-            if (wanted_k and "_K" not in t and not t.startswith(("F", "BF"))) or (not wanted_k and t != p.type.split("_")[0] + ("_" + p.type.split("_")[1] if "_" in p.type else ""))
+            if ("_K" not in t and not t.startswith(("F", "BF"))) if wanted_k else t != p.type
         )
         return Artifact(out_dir, "gguf", key="", bits=f"GGUF {p.type} ({report['bits_per_weight']:.2f} bpw)", meta=report)
