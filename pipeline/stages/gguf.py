@@ -111,6 +111,6 @@ class GGUFStage(Stage):
         wanted_k = "_K" in p.type
         report["fallback_matrices"] = sum(
             n for t, n in report["matrix_types"].items()
-            if ("_K" not in t and not t.startswith(("F", "BF"))) if wanted_k else t != p.type
+            if (("_K" not in t and not t.startswith(("F", "BF"))) if wanted_k else t != p.type)
         )
         return Artifact(out_dir, "gguf", key="", bits=f"GGUF {p.type} ({report['bits_per_weight']:.2f} bpw)", meta=report)
