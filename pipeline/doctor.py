@@ -56,10 +56,9 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
             out.append(_pkg("llama-cpp-python", "0.3.36"))
         d = recipe.data_dir()
         if d is not None:
-            from .offline_data import MIRRORS
+            from .offline_data import required_files
 
-            missing = [f"{folder}/{f}" for folder, cfgs in MIRRORS.values() for splits in (cfgs or {"x": {"t": "test.jsonl", "d": "dev.jsonl"}}).values()
-                       for f in splits.values() if not (d / folder / f).is_file()]
+            missing = [str(f.relative_to(d)) for f in required_files(d) if not f.is_file()]
             out.append(Finding(not missing, f"data dir {d}: " + (f"missing {', '.join(missing)}" if missing else "all files present"),
                                "point eval.data_dir / --data-dir at a folder laid out like ../shared/data" if missing else ""))
         if "humaneval" in tasks:

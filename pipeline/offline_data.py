@@ -31,6 +31,15 @@ MIRRORS = {
 }
 
 
+def required_files(data_dir: Path) -> list[Path]:
+    """Every file build_mirrors reads (MMLU: one test and one dev file for all subjects)."""
+    out = []
+    for folder, configs in MIRRORS.values():
+        splits = configs or {"all": {"test": "test.jsonl", "dev": "dev.jsonl"}}
+        out += [Path(data_dir) / folder / rel for cfg in splits.values() for rel in cfg.values()]
+    return out
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe")) / "datasets"
 

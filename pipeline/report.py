@@ -13,17 +13,11 @@ import json
 import math
 from pathlib import Path
 
-from .artifacts import atomic_write_json, atomic_write_text
+from .artifacts import atomic_write_json, atomic_write_text, read_json
 from .evaluation import BENCHMARKS, item_scores
 from .stats import fmt_points as _pts
 from .stats import mean_stderr, paired
 
-
-def _read(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def load_samples(path: Path) -> list[dict]:
@@ -33,7 +27,7 @@ def load_samples(path: Path) -> list[dict]:
 def _row_scores(row_dir: Path) -> dict[str, dict]:
     out = {}
     for bench in BENCHMARKS:
-        rec = _read(row_dir / "eval" / f"{bench.task}.json")
+        rec = read_json(row_dir / "eval" / f"{bench.task}.json")
         samples_path = row_dir / "eval" / f"{bench.task}.samples.jsonl"
         if not rec or not samples_path.is_file():
             continue
@@ -49,10 +43,10 @@ def build_table(root: Path, rows: list[str]) -> dict:
     table = []
     for name in rows:
         d = root / name
-        meta = _read(d / "row.json") or {}
-        err = _read(d / "error.json")
+        meta = read_json(d / "row.json") or {}
+        err = read_json(d / "error.json")
         scores = base if name == "base" else _row_scores(d)
-        div = _read(d / "divergence.json")
+        div = read_json(d / "divergence.json")
         entry = {"row": name, "bits": meta.get("bits") or (meta.get("dtype") if name == "base" else None),
                  "divergence": {k: v for k, v in div.items() if isinstance(v, dict)} if div else None,
                  "format": meta.get("format"), "size_bytes": meta.get("size_bytes"),
@@ -171,7 +165,7 @@ def write_report(root: Path, recipe_name: str, rows: list[str] | None = None) ->
     atomic_write_json(out / "degradation.json", t)
     from .report_html import model_card, to_html
 
-    n_params = (_read(root / "base" / "row.json") or {}).get("n_params")
+    n_params = (read_json(root / "base" / "row.json") or {}).get("n_params")
     atomic_write_text(out / "report.html", to_html(t, n_params))
     for e in t["rows"]:
         if e["row"] != "base" and e["benchmarks"]:

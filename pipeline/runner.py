@@ -26,12 +26,6 @@ def log(msg: str) -> None:
     print(f"[quantpipe] {msg}", file=sys.stderr, flush=True)
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 class Runner:
     def __init__(self, recipe: Recipe, artifacts_root: Path, allow_code_execution: bool = False,
@@ -133,7 +127,7 @@ class Runner:
             return loaded
         out = self.root / row / "divergence.json"
         key = store.content_key(art.key, ref_key)
-        old = _read_json(out)
+        old = store.read_json(out)
         if old and old.get("key") == key:
             return loaded
         loaded = loaded or self._load(row, art)
@@ -147,7 +141,7 @@ class Runner:
             settings = self.evaluator.settings(task)
             key = store.content_key(art.key, settings)
             path = self.root / row / "eval" / f"{task}.json"
-            old = _read_json(path)
+            old = store.read_json(path)
             if old and old.get("key") == key and (path.with_suffix(".samples.jsonl")).is_file():
                 log(f"{row}: {task} reused")
                 continue
