@@ -92,6 +92,8 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
+    from .prefix_cache import PrefixCachingHFLM
+
     if art.format == "gguf":
         from .llamacpp import LlamaCppLM
 
@@ -110,6 +112,8 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
     tokenizer = AutoTokenizer.from_pretrained(art.path)
     torch.manual_seed(1234)
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-              max_length=min(limit, max_length))
+    # A runtime patch may own the KV cache (TurboQuant): those rows keep stock HFLM's full prompts.
+    lm_class = HFLM if art.meta.get("runtime_patches") else PrefixCachingHFLM
+    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                  max_length=min(limit, max_length))
     return LoadedModel(lm=lm, evaluated_as=how, engine="transformers")
