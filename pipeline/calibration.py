@@ -62,7 +62,11 @@ def _python_docs() -> list[str]:
     docs = []
     for name in _DOC_MODULES:
         mod = importlib.import_module(name)
-        for _, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
+        for attr, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
+            # private names get patched by libraries, and which submodules are attributes depends
+            # on what else was imported: both would make the corpus depend on the process
+            if attr.startswith("_") or inspect.ismodule(obj):
+                continue
             d = inspect.getdoc(obj)
             if d and len(d) > 200:
                 docs.append(d)
@@ -94,6 +98,22 @@ def _read_hub(dataset: str, split: str, text_field: str) -> list[str]:
     if text_field not in ds.column_names:
         raise QuantpipeError(f"calibration dataset '{dataset}' has no column '{text_field}' (has {ds.column_names})")
     return [str(t) for t in ds[text_field]]
+
+
+def calibration_fingerprint(recipe) -> str:
+    """What the calibration text is, without loading it: part of calibrated stages' keys."""
+    import hashlib
+    import platform
+
+    spec = recipe.calibration
+    if spec.dataset == "builtin:python-docs":  # stdlib docstrings: they change with the Python version
+        return f"builtin:python-docs-v2:python-{platform.python_version()}"
+    if _looks_local(spec.dataset):
+        path = _local_path(recipe, spec.dataset)
+        if not path.is_file():
+            raise QuantpipeError(f"calibration file not found: {path}")
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"hub:{spec.dataset}:{spec.split}"
 
 
 def load_calibration(recipe) -> list[str]:

@@ -1,4 +1,4 @@
-"""Command line: quantpipe run | table | gate | doctor | validate | stages | models fetch."""
+"""Command line: quantpipe run | build | table | gate | doctor | validate | stages | models fetch."""
 
 from __future__ import annotations
 
@@ -14,13 +14,47 @@ def _run(a) -> int:
     from .recipe import load_recipe
     from .runner import Runner
 
+    runners = []
+    for path in a.recipe:
+        recipe = load_recipe(path)
+        if a.offline:
+            recipe.offline = True
+        runners.append(Runner(recipe, Path(a.artifacts), a.allow_code_execution,
+                              Path(a.data_dir) if a.data_dir else None, a.variant))
+    if a.variant and len(runners) > 1:
+        raise QuantpipeError("--variant names variants of one recipe; pass a single recipe with it")
+    if len({r.recipe.name for r in runners}) < len(runners):
+        raise QuantpipeError("two recipes share a name, so they would share an artifact folder")
+    if a.executor == "ray":
+        from .distributed import run_on_ray
+
+        reports = run_on_ray(runners, a.ray_address, wait=a.wait)
+    else:
+        if a.ray_address:
+            raise QuantpipeError("--ray-address needs --executor ray")
+        reports = [r.run(wait=a.wait) for r in runners]
+    for report in reports:
+        print((report / "degradation.md").read_text())
+        print(f"report: {report}/degradation.{{md,csv,json}}", file=sys.stderr)
+    return 0
+
+
+def _build(a) -> int:
+    """Stage outputs only (e.g. to evaluate elsewhere, or by hand)."""
+    from . import artifacts as store
+    from .recipe import load_recipe
+    from .runner import Runner
+
     recipe = load_recipe(a.recipe)
     if a.offline:
         recipe.offline = True
-    report = Runner(recipe, Path(a.artifacts), a.allow_code_execution,
-                    Path(a.data_dir) if a.data_dir else None, a.variant).run(wait=a.wait)
-    print((report / "degradation.md").read_text())
-    print(f"report: {report}/degradation.{{md,csv,json}}", file=sys.stderr)
+    runner = Runner(recipe, Path(a.artifacts), variants=a.variant)
+    with store.run_lock(runner.root, wait=a.wait):
+        store.clean_stale_tmp(runner.root)
+        runner.prepare_model()
+        for variant in runner.variants:
+            art = runner.build(variant)
+            print(f"{variant}\t{art.format}\t{art.path}")
     return 0
 
 
@@ -103,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="quantize every variant, evaluate, write the table")
-    r.add_argument("recipe")
+    r.add_argument("recipe", nargs="+", help="one recipe, or several (one per model) run as one batch")
     r.add_argument("--artifacts", default="artifacts", help="artifact store root (default: artifacts)")
     r.add_argument("--allow-code-execution", action="store_true",
                    help="opt in to running model-written code (HumanEval), sandboxed")
@@ -111,7 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
     r.add_argument("--variant", action="append", help="run only this variant (repeatable)")
     r.add_argument("--wait", action="store_true", help="if another run holds this recipe's folder, wait for it")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: one task per variant build and per row x benchmark")
+    r.add_argument("--ray-address", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto); default: start one here")
     r.set_defaults(fn=_run)
+
+    b = sub.add_parser("build", help="build the variants' artifacts only; print variant, format, path")
+    b.add_argument("recipe")
+    b.add_argument("--artifacts", default="artifacts")
+    b.add_argument("--offline", action="store_true")
+    b.add_argument("--variant", action="append")
+    b.add_argument("--wait", action="store_true")
+    b.set_defaults(fn=_build)
 
     t = sub.add_parser("table", help="rebuild and print the table from stored results")
     t.add_argument("run_dir")

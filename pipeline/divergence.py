@@ -32,7 +32,9 @@ def corpus(data_dir: Path | None, max_docs: int = 32) -> dict[str, str]:
     docs = []
     for name in _KL_MODULES:
         mod = importlib.import_module(name)
-        for _, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
+        for attr, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
+            if attr.startswith("_") or inspect.ismodule(obj):  # patched or present depending on other imports
+                continue
             d = inspect.getdoc(obj)
             if d and len(d) > 300 and d not in docs:
                 docs.append(d)

@@ -53,6 +53,25 @@ class EvalSpec(Strict):
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
 
 
+class TaskResources(Strict):
+    """What one Ray task declares (used only with `--executor ray`)."""
+
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+
+    def ray_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gb:
+            opts["memory"] = int(self.memory_gb * 2**30)
+        return opts
+
+
+class Resources(Strict):
+    build: TaskResources = Field(default_factory=TaskResources, description="one variant's stage chain")
+    evaluate: TaskResources = Field(default_factory=TaskResources, description="one (row, benchmark) evaluation")
+
+
 class StageSpec(BaseModel):
     """One link of a variant's chain: `stage` names a registered stage; other keys are its params."""
 
@@ -71,6 +90,7 @@ class Recipe(Strict):
     variants: dict[str, list[StageSpec]]
     offline: bool = False
     gate: dict[str, Any] | None = None
+    resources: Resources = Field(default_factory=Resources)
     source: Path | None = Field(None, exclude=True)
 
     @field_validator("name")

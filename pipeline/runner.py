@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from . import artifacts as store
-from .calibration import load_calibration
+from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator
 from .models import count_parameters, fingerprint, model_info, resolve_model
@@ -29,9 +29,10 @@ def log(msg: str) -> None:
 
 class Runner:
     def __init__(self, recipe: Recipe, artifacts_root: Path, allow_code_execution: bool = False,
-                 data_dir: Path | None = None, variants: list[str] | None = None):
+                 data_dir: Path | None = None, variants: list[str] | None = None, workdir: Path | None = None):
         self.recipe = recipe
         self.root = Path(artifacts_root) / recipe.name
+        self.workdir = workdir or self.root / ".work"  # task configs and datasets cache of this process
         self.allow_code = allow_code_execution
         self.data_dir = data_dir
         self.variants = variants or list(recipe.variants)
@@ -42,6 +43,10 @@ class Runner:
 
     # -- setup: everything that can fail on bad input fails here, before any work -----------------
     def prepare(self) -> None:
+        self.prepare_model()
+        self.evaluator = Evaluator(self.recipe, self.workdir, self.allow_code, self.data_dir)
+
+    def prepare_model(self) -> None:
         import os
 
         if self.recipe.offline:
@@ -50,7 +55,6 @@ class Runner:
         self.model_path = resolve_model(self.recipe.model.id, offline=self.recipe.offline)
         self.info = model_info(self.model_path)
         check_against_model(self.recipe, self.info)
-        self.evaluator = Evaluator(self.recipe, self.root / ".work", self.allow_code, self.data_dir)
         # a local folder, or (online) a hub id that transformers resolves itself
         self.base_dir = Path(self.model_path) if Path(str(self.model_path)).exists() else None
         self.base = Artifact(self.base_dir or self.model_path, "hf",
@@ -71,7 +75,8 @@ class Runner:
             params = stage.params.model_dump(mode="json")
             chain.append({"stage": stage.name, "params": params})
             versions = store.lib_versions(stage.libraries)
-            key = store.content_key(art.key, stage.name, params, versions, self.recipe.calibration.model_dump())
+            calib = [calibration_fingerprint(self.recipe)] if stage.uses_calibration() else []
+            key = store.content_key(art.key, stage.name, params, versions, self.recipe.calibration.model_dump(), *calib)
             final = self.root / variant / "stages" / f"{i:02d}-{stage.name}"
             manifest, why = store.verify(final, key)
             if manifest is None:  # another variant with the same chain prefix may have built it
@@ -135,52 +140,69 @@ class Runner:
         store.atomic_write_json(out, {"key": key, "top_k": dv.TOP_K, **dv.compare(loaded, dv.load_reference(ref_path))})
         return loaded
 
+    def evaluate_task(self, row: str, art: Artifact, task: str, loaded=None):
+        """One (row, task) evaluation, reused when its key matches; returns the loaded model (if any)."""
+        settings = self.evaluator.settings(task)
+        key = store.content_key(art.key, settings)
+        path = self.root / row / "eval" / f"{task}.json"
+        old = store.read_json(path)
+        if old and old.get("key") == key and (path.with_suffix(".samples.jsonl")).is_file():
+            log(f"{row}: {task} reused")
+            return loaded
+        loaded = loaded or self._load(row, art)
+        log(f"{row}: evaluating {task} ({loaded.evaluated_as})")
+        record, samples = self.evaluator.run(loaded, task)
+        # samples first, the record last: the record is what marks the evaluation complete
+        store.atomic_write_text(path.with_suffix(".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
+        store.atomic_write_json(path, {"key": key, "settings": settings, **record})
+        return loaded
+
     def evaluate(self, row: str, art: Artifact) -> None:
-        loaded = None
+        loaded = None  # one load serves every task of the row
         for task in self.evaluator.tasks:
-            settings = self.evaluator.settings(task)
-            key = store.content_key(art.key, settings)
-            path = self.root / row / "eval" / f"{task}.json"
-            old = store.read_json(path)
-            if old and old.get("key") == key and (path.with_suffix(".samples.jsonl")).is_file():
-                log(f"{row}: {task} reused")
-                continue
-            loaded = loaded or self._load(row, art)
-            log(f"{row}: evaluating {task} ({loaded.evaluated_as})")
-            record, samples = self.evaluator.run(loaded, task)
-            # samples first, the record last: the record is what marks the evaluation complete
-            store.atomic_write_text(path.with_suffix(".samples.jsonl"), "".join(json.dumps(s) + "\n" for s in samples))
-            store.atomic_write_json(path, {"key": key, "settings": settings, **record})
+            loaded = self.evaluate_task(row, art, task, loaded)
         self.divergence(row, art, loaded)
 
-    def run(self, wait: bool = False) -> Path:
+    # -- a run: start (setup + base row record), rows, finish (report) ---------------------------
+    def start(self) -> None:
+        store.clean_stale_tmp(self.root)
+        self.prepare()
+        store.atomic_write_json(self.root / "recipe.json", {
+            **self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)})
+        store.atomic_write_json(self.root / "base" / "row.json", {
+            "variant": "base", "chain": [], "format": "hf", "bits": None, "key": self.base.key,
+            "path": str(self.base.path), "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
+            "model": self.recipe.model.id, "dtype": self.recipe.model.dtype,
+            "n_params": count_parameters(self.base_dir) if self.base_dir else None,
+        })
+
+    def record_outcome(self, variant: str, error: BaseException | None, tb: str = "") -> None:
+        """A failed variant keeps <variant>/error.json (shown in the table); a finished one loses it."""
+        err_path = self.root / variant / "error.json"
+        if error is None:
+            err_path.unlink(missing_ok=True)
+            return
+        msg = f"{type(error).__name__}: {error}"
+        log(f"{variant}: FAILED: {msg}")
+        store.atomic_write_json(err_path, {"error": msg, "traceback": tb})
+
+    def finish(self) -> Path:
         from .report import write_report
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.workdir / "datasets-cache", ignore_errors=True)
+        return write_report(self.root, self.recipe.name, ["base", *self.recipe.variants])
+
+    def run(self, wait: bool = False) -> Path:
+        """The embedded executor: everything in this process, one row after another."""
         with store.run_lock(self.root, wait=wait):
-            store.clean_stale_tmp(self.root)
-            self.prepare()
-            store.atomic_write_json(self.root / "recipe.json", {
-                **self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)})
-            base_dir = self.root / "base"
-            store.atomic_write_json(base_dir / "row.json", {
-                "variant": "base", "chain": [], "format": "hf", "bits": None, "key": self.base.key,
-                "path": str(self.base.path), "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
-                "model": self.recipe.model.id, "dtype": self.recipe.model.dtype,
-                "n_params": count_parameters(self.base_dir) if self.base_dir else None,
-            })
+            self.start()
             self.evaluate("base", self.base)
             for variant in self.variants:
-                err_path = self.root / variant / "error.json"
                 try:
-                    art = self.build(variant)
-                    self.evaluate(variant, art)
-                    err_path.unlink(missing_ok=True)
+                    self.evaluate(variant, self.build(variant))
+                    self.record_outcome(variant, None)
                 except KeyboardInterrupt:
                     raise
                 except Exception as e:  # noqa: BLE001 - one variant's failure must not sink the others
-                    msg = f"{type(e).__name__}: {e}"
-                    log(f"{variant}: FAILED: {msg}")
-                    store.atomic_write_json(err_path, {"error": msg, "traceback": traceback.format_exc()})
-            shutil.rmtree(self.root / ".work" / "datasets-cache", ignore_errors=True)
-            return write_report(self.root, self.recipe.name, ["base", *self.recipe.variants])
+                    self.record_outcome(variant, e, traceback.format_exc())
+            return self.finish()

@@ -12,6 +12,6 @@ PY=${PYTHON:-python3}
 # llama-cpp-python compiles llama.cpp from source (~2-13 min on 2 cores, cached by pip as a
 # wheel afterwards). GGML_NATIVE=OFF builds portable code instead of -march=native.
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,gguf]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test,gguf,ray]"
 .venv/bin/quantpipe stages >/dev/null
 echo "quantpipe installed in .venv ($(.venv/bin/python -c 'import pipeline; print(pipeline.__version__)'))"

@@ -163,3 +163,32 @@ def test_validator_never_tracebacks(data):
 def test_yaml_roundtrip_of_repo_recipe_is_stable():
     data = yaml.safe_load(open("recipes/smollm2-135m.yaml"))
     assert parse_recipe(data).model_dump() == parse_recipe(copy.deepcopy(data)).model_dump()
+
+
+def test_builtin_calibration_corpus_does_not_depend_on_what_the_process_imported():
+    """A Ray worker, a CLI run and a test import different libraries first; the calibration text
+    (and so every calibrated artifact) must be the same in each."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hashlib; {pre}; from pipeline.calibration import _python_docs; "
+            "print(hashlib.sha256(repr(_python_docs()).encode()).hexdigest())")
+    plain = subprocess.run([sys.executable, "-c", code.format(pre="pass")], capture_output=True, text=True, check=True)
+    loaded = subprocess.run([sys.executable, "-c", code.format(
+        pre="import email.feedparser, logging.handlers, typing; typing._collect_parameters = lambda a: ()")],
+        capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() and plain.stdout == loaded.stdout
+
+
+def test_calibrated_stage_keys_follow_the_calibration_text(tmp_path):
+    from pipeline.calibration import calibration_fingerprint
+    from pipeline.recipe import parse_recipe
+
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text\n")
+    recipe = parse_recipe({"name": "x", "model": {"id": "m"}, "calibration": {"dataset": str(text)},
+                           "variants": {"g": [{"stage": "gptq"}], "f": [{"stage": "fp8"}]}})
+    before = calibration_fingerprint(recipe)
+    text.write_text("other calibration text\n")
+    assert calibration_fingerprint(recipe) != before
+    assert recipe.stages("g")[0].uses_calibration() and not recipe.stages("f")[0].uses_calibration()

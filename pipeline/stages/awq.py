@@ -29,6 +29,9 @@ class AWQStage(Stage):
         if self.params.backend == "gptqmodel" and self.params.symmetric:
             raise ValueError("GPTQModel's AWQ format is asymmetric; set symmetric: false")
 
+    def uses_calibration(self) -> bool:
+        return True
+
     def output_format(self, input_format: str = "hf") -> str:
         return "awq" if self.params.backend == "gptqmodel" else "compressed-tensors"
 

@@ -74,6 +74,10 @@ class Stage:
     def check(self, model: ModelInfo) -> None:
         """Raise ValueError naming the parameter when it cannot work for this model."""
 
+    def uses_calibration(self) -> bool:
+        """True when run() reads ctx.calibration(): the calibration text's identity joins the key."""
+        return False
+
     def output_format(self, input_format: str = "hf") -> str:
         """The format run() will produce from `input_format`, known before running (chain validation)."""
         return "hf"

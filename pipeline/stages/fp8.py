@@ -24,6 +24,9 @@ class FP8Stage(Stage):
     Params = FP8Params
     libraries = ("llmcompressor", "compressed-tensors", "transformers", "torch")
 
+    def uses_calibration(self) -> bool:
+        return self.params.scheme == "FP8"
+
     def output_format(self, input_format: str = "hf") -> str:
         return "compressed-tensors"
 

@@ -27,6 +27,9 @@ class GPTQStage(Stage):
     def check(self, model: ModelInfo) -> None:
         check_group_size(self.params, model)
 
+    def uses_calibration(self) -> bool:
+        return True
+
     def output_format(self, input_format: str = "hf") -> str:
         return "gptq" if self.params.backend == "gptqmodel" else "compressed-tensors"
 
