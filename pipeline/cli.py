@@ -19,6 +19,8 @@ def _run(a) -> int:
         recipe = load_recipe(path)
         if a.offline:
             recipe.offline = True
+        if a.engine:
+            recipe.eval.engine = a.engine
         runners.append(Runner(recipe, Path(a.artifacts), a.allow_code_execution,
                               Path(a.data_dir) if a.data_dir else None, a.variant))
     if a.variant and len(runners) > 1:
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
     r.add_argument("--variant", action="append", help="run only this variant (repeatable)")
     r.add_argument("--wait", action="store_true", help="if another run holds this recipe's folder, wait for it")
+    r.add_argument("--engine", choices=["default", "vllm"],
+                   help="evaluation engine (overrides the recipe's eval.engine); vllm needs a CUDA GPU")
     r.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: this process (default); ray: one task per variant build and per row x benchmark")
     r.add_argument("--ray-address", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto); default: start one here")

@@ -106,6 +106,11 @@ class Evaluator:
 
     def __init__(self, recipe: Recipe, workdir: Path, allow_code_execution: bool, data_dir: Path | None = None):
         self.batch_size, self.tasks = resolve_tasks(recipe)
+        self.engine = recipe.eval.engine
+        if self.engine == "vllm":
+            from .backends.vllm import check_available
+
+            check_available()  # before any work, not at the first vLLM row
         if CODE_TASKS & set(self.tasks) and not allow_code_execution:
             raise QuantpipeError(
                 "the eval suite includes HumanEval, which executes model-written code: pass "
@@ -141,8 +146,11 @@ class Evaluator:
         """Everything that changes a task's numbers; part of the result's storage key."""
         import lm_eval
 
-        return {"task": task, **self.tasks[task].model_dump(), "batch_size": self.batch_size,
-                "lm_eval": lm_eval.__version__, "seeds": [0, 1234, 1234, 1234], "data": self.data_source}
+        out = {"task": task, **self.tasks[task].model_dump(), "batch_size": self.batch_size,
+               "lm_eval": lm_eval.__version__, "seeds": [0, 1234, 1234, 1234], "data": self.data_source}
+        if self.engine != "default":  # absent for the in-process engines, so their stored results keep their keys
+            out["engine"] = self.engine
+        return out
 
     def run(self, loaded, task: str) -> tuple[dict, list[dict]]:
         from lm_eval import simple_evaluate

@@ -50,6 +50,8 @@ class EvalSpec(Strict):
     suite: str = "full"
     batch_size: int | None = Field(None, gt=0, description="same for every row; defaults to the suite's")
     data_dir: str | None = Field(None, description="local copies of the datasets (offline); relative to the recipe file")
+    engine: Literal["default", "vllm"] = Field(
+        "default", description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp)")
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
 
 

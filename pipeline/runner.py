@@ -110,7 +110,7 @@ class Runner:
         from .backends import load_for_eval
 
         log(f"{row}: loading {art.path} for evaluation")
-        return load_for_eval(art, self.recipe.model.dtype, self.evaluator.batch_size)
+        return load_for_eval(art, self.recipe.model.dtype, self.evaluator.batch_size, engine=self.evaluator.engine)
 
     def divergence(self, row: str, art: Artifact, loaded):
         """KL / top-1 agreement / perplexity ratio against the base's stored top-K reference."""
@@ -129,6 +129,9 @@ class Runner:
             store.atomic_write_text(key_file, ref_key)
             return loaded
         if row == "base":
+            return loaded
+        if self.evaluator.engine == "vllm" and art.format != "gguf":
+            log(f"{row}: no KL on vLLM (it returns top-20 prompt logprobs, not distributions)")
             return loaded
         out = self.root / row / "divergence.json"
         key = store.content_key(art.key, ref_key)

@@ -87,7 +87,7 @@ def apply_runtime_patches(model, meta: dict) -> list[str]:
     return notes
 
 
-def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 4096) -> LoadedModel:
+def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 4096, engine: str = "default") -> LoadedModel:
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
@@ -102,6 +102,10 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
         bpw = art.meta.get("bits_per_weight")
         return LoadedModel(lm=lm, evaluated_as=f"GGUF ({bpw} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)",
                            engine="llama.cpp")
+    if engine == "vllm":
+        from .vllm import load_vllm
+
+        return load_vllm(art, dtype, batch_size, max_length)
     if art.format in ("hf", "compressed-tensors"):
         model, how = _load_transformers(art, dtype)
     elif art.format in ("gptq", "awq"):

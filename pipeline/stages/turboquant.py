@@ -46,6 +46,10 @@ class TurboQuantParams(StageParams):
                   if k in KVConfig.__dataclass_fields__ and v is not None}
         return KVConfig(**{**base.__dict__, "skip_layers": list(base.skip_layers), **fields})
 
+    def preset_unmodified(self) -> bool:
+        overrides = ("key_bits", "value_bits", "key_method", "value_method", "qjl", "norm_correction", "skip_layers")
+        return self.preset is not None and all(getattr(self, f) is None for f in overrides)
+
 
 def _link_tree(src: Path, dst: Path) -> None:
     for f in src.rglob("*"):
@@ -101,7 +105,9 @@ class TurboQuantStage(Stage):
         label = f"KV k{cfg.key_bits}v{cfg.value_bits} {cfg.mode} ({eff:.2f} b/elt)"
         bits = f"{inp.bits or 'base weights'} + {label}"
         return Artifact(out_dir, inp.format, key="", bits=bits,
-                        meta={**inp.meta, "runtime_patches": patches, "kv_bits_per_element": round(eff, 3)})
+                        meta={**inp.meta, "runtime_patches": patches, "kv_bits_per_element": round(eff, 3),
+                              # the same cache on vLLM: its --kv-cache-dtype preset (unmodified presets only)
+                              "vllm_kv_cache_dtype": p.preset if p.preset_unmodified() else None})
 
     def _weights(self, inp: Artifact, out_dir: Path) -> Artifact:
         import torch

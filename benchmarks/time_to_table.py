@@ -1,0 +1,272 @@
+"""Time to table: the stock route against `quantpipe run`, same model, variants and items.
+
+    .venv/bin/python benchmarks/time_to_table.py            # ~1 h on 2 CPU cores, first run builds the variants
+    .venv/bin/python benchmarks/time_to_table.py --quick    # a 5-minute smoke of the same procedure
+
+(a) stock: lm-eval's CLI (`lm-eval run --model hf`) once per row, one process each, on the base
+    and on each variant checkpoint that `quantpipe build` saved: what a user does by hand after
+    llm-compressor. Same task configs as quantpipe (lm-eval's stock YAMLs pointed at the local
+    dataset copies), same items (--samples), batch size, seeds and generation cap.
+(b) quantpipe: `quantpipe run` on the same recipe in one process (the stage outputs are reused,
+    every evaluation is redone; it also computes its KL table, which (a) does not).
+
+Prints both wall times, their ratio, whether every score is identical, and a floor: the forward
+FLOPs of the distinct tokens all rows need (requests deduplicated on shared prefixes, plus the
+generated tokens) over this machine's measured float32 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+# The fixed item subsets: the first N items of each task's test split (N per subject for MMLU),
+# in roughly the proportions of the full suite (MMLU dominant, then TruthfulQA, GSM8K, HumanEval).
+SUBSETS = {"mmlu": 4, "truthfulqa_mc2": 40, "gsm8k": 8, "humaneval": 8}
+QUICK = {"mmlu": 1, "truthfulqa_mc2": 8, "gsm8k": 2, "humaneval": 2}
+MAX_GEN_TOKS = 256  # GSM8K's stock cap; HumanEval's stock 1,024 lowered to the same for both routes
+BATCH_SIZE = 8
+VARIANTS = {  # base + 4 variants, all checkpoints that `lm_eval --model hf` loads as they are
+    "fp8": [{"stage": "fp8", "scheme": "FP8_DYNAMIC"}],
+    "awq-4bit": [{"stage": "awq", "bits": 4, "group_size": 64}],
+    "gptq-4bit": [{"stage": "gptq", "bits": 4, "group_size": 64}],
+    "gptq-8bit": [{"stage": "gptq", "bits": 8, "group_size": 64}],
+}
+# (task in the record, metric key) compared between the routes; MMLU also per subject.
+METRICS = [("mmlu", "acc,none"), ("truthfulqa_mc2", "acc,none"), ("gsm8k", "exact_match,flexible-extract"),
+           ("gsm8k", "exact_match,strict-match"), ("humaneval", "pass@1,create_test")]
+
+
+def log(msg: str) -> None:
+    print(f"[time-to-table] {msg}", file=sys.stderr, flush=True)
+
+
+def write_recipe(work: Path, subsets: dict, data_dir: Path) -> Path:
+    recipe = {
+        "name": "time-to-table",
+        "model": {"id": "builtin:smollm2-135m", "dtype": "float32"},
+        "calibration": {"dataset": "builtin:python-docs", "num_samples": 64, "seq_len": 256, "seed": 0},
+        "eval": {"suite": "full", "batch_size": BATCH_SIZE, "data_dir": str(data_dir),
+                 "tasks": {"truthfulqa_mc1": None,
+                           **{t: {"limit": n, **({"max_gen_toks": MAX_GEN_TOKS} if t in ("gsm8k", "humaneval") else {})}
+                              for t, n in subsets.items()}}},
+        "offline": True,
+        "variants": VARIANTS,
+    }
+    path = work / "time-to-table.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def quantpipe(*args, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(VENV_BIN / "quantpipe"), *map(str, args)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        sys.exit(f"quantpipe {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
+    return r
+
+
+def stock_samples(task_dir: Path, subsets: dict) -> dict[str, list[int]]:
+    """--samples for lm-eval: doc indices per leaf task (the 57 MMLU subjects each)."""
+    out = {}
+    for name, n in subsets.items():
+        if name == "mmlu":
+            for f in sorted((task_dir / "mmlu").glob("*.yaml")):
+                m = re.search(r"^task: (mmlu_\w+)", f.read_text(), re.M)
+                if m:
+                    out[m.group(1)] = list(range(n))
+        else:
+            out[name] = list(range(n))
+    return out
+
+
+def run_stock(rows: dict[str, tuple[Path, str]], task_dir: Path, subsets: dict, work: Path) -> tuple[float, dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "QUANTPIPE_ALLOW_CODE_EXECUTION": "1", "HF_DATASETS_CACHE": str(work / "stock-datasets-cache")}
+    samples = json.dumps(stock_samples(task_dir, subsets))
+    results, total = {}, 0.0
+    for row, (path, dtype) in rows.items():
+        out = work / "stock" / row
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work / "stock-datasets-cache", ignore_errors=True)
+        cmd = [str(VENV_BIN / "lm-eval"), "run", "--model", "hf",
+               "--model_args", f"pretrained={path},dtype={dtype},max_length=4096",
+               "--device", "cpu", "--batch_size", str(BATCH_SIZE), "--tasks", ",".join(subsets),
+               "--include_path", str(task_dir), "--samples", samples, "--gen_kwargs", f"max_gen_toks={MAX_GEN_TOKS}",
+               "--seed", "0,1234,1234,1234", "--confirm_run_unsafe_code", "--output_path", str(out)]
+        t0 = time.time()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        dt = time.time() - t0
+        if r.returncode:
+            sys.exit(f"lm-eval failed on {row}:\n{r.stderr[-3000:]}")
+        total += dt
+        log(f"stock {row}: {dt:.0f} s")
+        results[row] = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    return total, results
+
+
+def quantpipe_results(run_root: Path, rows) -> dict:
+    out = {}
+    for row in rows:
+        res = {}
+        for f in (run_root / row / "eval").glob("*.json"):
+            res.update(json.loads(f.read_text())["results"])
+        out[row] = res
+    return out
+
+
+def compare(stock: dict, ours: dict) -> tuple[int, int, float, list[str]]:
+    """(scores compared, scores bit-identical, max |difference|, report lines)."""
+    lines, worst, n, exact = [], 0.0, 0, 0
+    for row in ours:
+        keys = [(t, m) for t, m in METRICS if t in ours[row]]
+        keys += [(t, "acc,none") for t in sorted(ours[row]) if t.startswith("mmlu_") and "acc,none" in ours[row][t]]
+        diffs = [abs(float(stock[row][t][m]) - float(ours[row][t][m])) for t, m in keys]
+        n, exact, worst = n + len(diffs), exact + diffs.count(0.0), max(worst, *diffs)
+        heads = " ".join(f"{t}={float(ours[row][t][m]):.4f}" for t, m in METRICS if t in ours[row])
+        lines.append(f"  {row:10s} {len(keys)} scores, max |stock - quantpipe| = {max(diffs):.1e}  ({heads})")
+    return n, exact, worst, lines
+
+
+# -- the floor ------------------------------------------------------------------------------------------
+
+
+def matmul_rate(seconds: float = 3.0) -> float:
+    """Measured float32 GEMM rate (FLOP/s) at the model's shapes, all threads."""
+    import torch
+
+    a, w = torch.randn(512, 576), torch.randn(576, 1536)
+    for _ in range(5):
+        a @ w
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        a @ w
+        n += 1
+    return n * 2 * 512 * 576 * 1536 / (time.time() - t0)
+
+
+def distinct_tokens(run_root: Path, rows, tokenizer) -> tuple[int, int, int]:
+    """(positions, sum of positions' context lengths, generated tokens) over all rows, where a
+    position is a node of the trie of every request's token sequence in that row: a prefix
+    shared by many requests is counted once, as a perfect prefix cache would compute it."""
+    nodes = attn = gen = 0
+    for row in rows:
+        trie: dict = {}
+        seen = set()
+        for f in sorted((run_root / row / "eval").glob("*.samples.jsonl")):
+            for line in f.read_text().splitlines():
+                s = json.loads(line)
+                if (s["task"], s["doc_id"]) in seen:  # one record per filter
+                    continue
+                seen.add((s["task"], s["doc_id"]))
+                for args, resp in zip(s["arguments"], s["resps"]):
+                    if isinstance(args[1], str):  # log-likelihood: context + continuation
+                        seqs = [tokenizer(args[0] + args[1]).input_ids[:-1]]
+                    else:  # generation: the prompt, then each generated token
+                        prompt = tokenizer(args[0]).input_ids
+                        out = tokenizer(resp[0], add_special_tokens=False).input_ids
+                        gen += len(out)
+                        attn += sum(len(prompt) + i for i in range(len(out)))
+                        seqs = [prompt]
+                    for seq in seqs:
+                        node = trie
+                        for depth, tok in enumerate(seq):
+                            if tok not in node:
+                                node[tok] = {}
+                                nodes += 1
+                                attn += depth
+                            node = node[tok]
+    return nodes, attn, gen
+
+
+def floor_seconds(run_root: Path, rows, model_dir: Path) -> tuple[float, dict]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    nodes, attn_ctx, gen = distinct_tokens(run_root, rows, tok)
+    d, L, f = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    per_token = 2 * (L * (2 * d * d + 2 * d * kv + 3 * d * f) + d * cfg.vocab_size)  # matmul weights incl. LM head
+    flops = (nodes + gen) * per_token + 4 * L * d * attn_ctx  # + QK^T and AV over each position's context
+    rate = matmul_rate()
+    return flops / rate, {"distinct_positions": nodes, "generated_tokens": gen, "flops": flops,
+                          "matmul_gflops": rate / 1e9, "flops_per_token": per_token}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny subsets: check the procedure, not the speed")
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / ".work"))
+    ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    args = ap.parse_args()
+    subsets = QUICK if args.quick else SUBSETS
+    work = Path(args.work) / ("quick" if args.quick else "full")
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = write_recipe(work, subsets, Path(args.data_dir).resolve())
+    arts = work / "artifacts"
+
+    log("building the variants (not timed; reused on later runs)")
+    built = quantpipe("build", recipe, "--artifacts", arts).stdout
+    sys.path.insert(0, str(ROOT))
+    from pipeline.evaluation import prepare_task_dir
+    from pipeline.models import resolve_model
+    from pipeline.offline_data import build_mirrors
+
+    base_dir = resolve_model("builtin:smollm2-135m", offline=True)
+    rows = {"base": (base_dir, "float32")}
+    for line in built.splitlines():
+        variant, fmt, path = line.split("\t")
+        rows[variant] = (Path(path), "auto")  # what quantpipe's loader passes for quantized checkpoints
+    task_dir = prepare_task_dir(work / "tasks", list(subsets), build_mirrors(Path(args.data_dir)))
+
+    log(f"(a) stock route: lm-eval CLI x {len(rows)} rows")
+    t_stock, stock = run_stock(rows, task_dir, subsets, work)
+
+    log("(b) quantpipe run (stage outputs reused, every evaluation redone)")
+    run_root = arts / "time-to-table"
+    for row in rows:
+        shutil.rmtree(run_root / row / "eval", ignore_errors=True)
+        (run_root / row / "divergence.json").unlink(missing_ok=True)
+    for f in (run_root / "base").glob("divergence-reference.*"):
+        f.unlink()
+    t0 = time.time()
+    quantpipe("run", recipe, "--artifacts", arts, "--allow-code-execution")
+    t_ours = time.time() - t0
+    ours = quantpipe_results(run_root, rows)
+
+    n, exact, worst, lines = compare(stock, ours)
+    # Accuracy-type scores are counts over items: equal or not. TruthfulQA MC2 is a mean of
+    # probabilities, where summation order shows in the 8th digit; the table prints 3 digits.
+    same = worst < 1e-6
+    floor, detail = floor_seconds(run_root, rows, base_dir)
+    result = {"subsets": subsets, "rows": list(rows), "stock_s": round(t_stock, 1), "quantpipe_s": round(t_ours, 1),
+              "ratio": round(t_stock / t_ours, 2), "identical": same, "scores": n, "bit_identical": exact, "max_abs_diff": worst,
+              "floor_s": round(floor, 1), **detail, "threads": __import__("torch").get_num_threads()}
+    (work / "result.json").write_text(json.dumps(result, indent=1))
+    print(f"items: {subsets} (MMLU: per subject), rows: {', '.join(rows)}")
+    print(f"(a) stock, lm-eval CLI per row: {t_stock:8.1f} s")
+    print(f"(b) quantpipe run:              {t_ours:8.1f} s   (includes its KL table)")
+    print(f"ratio (a)/(b):                  {t_stock / t_ours:8.2f}x")
+    print(f"floor: {detail['distinct_positions']:,} distinct positions + {detail['generated_tokens']:,} generated "
+          f"tokens = {detail['flops'] / 1e12:.2f} TFLOP at {detail['matmul_gflops']:.0f} GFLOP/s matmul "
+          f"= {floor:.1f} s")
+    print(f"scores: {'identical' if same else 'NOT identical'}: {exact} of {n} bit-identical, "
+          f"max |difference| {worst:.1e}")
+    print("\n".join(lines))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
