@@ -215,7 +215,7 @@ def main() -> int:
     work = Path(args.work) / ("quick" if args.quick else "full")
     work.mkdir(parents=True, exist_ok=True)
     recipe = write_recipe(work, subsets, Path(args.data_dir).resolve())
-    arts = work / "artifacts"
+    arts = Path(args.work) / "artifacts"  # shared by --quick and the full run: the variants are built once
 
     log("building the variants (not timed; reused on later runs)")
     built = quantpipe("build", recipe, "--artifacts", arts).stdout

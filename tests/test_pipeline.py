@@ -51,7 +51,9 @@ def table_numbers(root: Path) -> dict:
 def finished(tiny_model, data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     recipe = write_recipe(tmp, tiny_model, data_dir)
+    t0 = time.time()
     r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
+    r.seconds = time.time() - t0  # how long an uninterrupted run takes here: kill times scale with it
     return tmp, recipe, tmp / "art" / "tiny", r
 
 
@@ -205,16 +207,17 @@ def test_killed_at_random_points_then_resumed(finished, tiny_model, data_dir, tm
     equals the uninterrupted run's, and no half-written artifact is ever taken for a finished one."""
     import random
 
-    _, _, ref_root, _ = finished
+    _, _, ref_root, ref = finished
     recipe = write_recipe(tmp_path, tiny_model, data_dir)
     art = tmp_path / "art"
     rng = random.Random(1234)
+    # moments within the first half of a full run's duration (a resumed run has less left to do)
     finished_files: dict[Path, int] = {}
     kills = 0
     for _ in range(5):
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3, 15))
+        time.sleep(rng.uniform(0.15, 0.5) * ref.seconds)
         if proc.poll() is not None:
             break
         os.kill(proc.pid, signal.SIGKILL)

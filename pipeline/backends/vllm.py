@@ -26,7 +26,7 @@ def check_available() -> str:
         raise QuantpipeError("eval engine 'vllm' needs a CUDA GPU and this machine has none; "
                              "use the default engine (transformers / GPTQModel / llama.cpp on CPU)")
     if importlib.util.find_spec("vllm") is None:
-        raise QuantpipeError("eval engine 'vllm' needs the vllm package: pip install -c constraints.txt -e '.[vllm]'")
+        raise QuantpipeError("eval engine 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)")
     return torch.cuda.get_device_name()
 
 
