@@ -102,3 +102,29 @@ def test_rolling_loglikelihood_matches_stock(tiny_lms):
     stock, ours, _ = tiny_lms
     reqs = [Instance("loglikelihood_rolling", {}, (FIXED_TEXT * 3,), idx=0)]
     assert ours.loglikelihood_rolling(reqs)[0] == pytest.approx(stock.loglikelihood_rolling(reqs)[0], abs=1e-3)
+
+
+def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny_lms):
+    """Greedy generate_until with the appending KV cache gives exactly stock HFLM's text, for a
+    batch of prompts of different lengths (left padding) run past the cache's first capacity."""
+    from lm_eval.api.instance import Instance
+
+    from helpers import FIXED_TEXT
+    from pipeline.backends.prefix_cache import append_cache
+
+    stock, ours, model = tiny_lms
+    gen = {"until": ["\n\n\n"], "max_gen_toks": 300, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (FIXED_TEXT[: 40 + 25 * i], gen), idx=i) for i in range(5)]
+    got, want = ours.generate_until(reqs), stock.generate_until(reqs)
+    assert got == want and all(len(g) > 0 for g in got)
+
+    import torch
+
+    cache = append_cache()
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    model(ids[:, :4], past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    capacity = layer._buf[0].shape[-2]
+    model(ids[:, 4:], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 6 and layer._buf[0].shape[-2] == capacity  # appended, not reallocated
+    assert layer.keys.data_ptr() == layer._buf[0].data_ptr()

@@ -9,7 +9,10 @@ request's remaining tokens, batched by length, and the LM head is applied only a
 whose log-probabilities are read. Request inputs, truncation and the returned (log-prob,
 is-greedy) pairs are exactly stock HFLM's; only the floating-point summation order differs.
 
-Generation (generate_until) is stock HFLM's.
+Generation is stock HFLM's `generate` with one change of storage, not of arithmetic: the KV
+cache appends new tokens into spare capacity (AppendLayer) instead of concatenating the whole
+cache at every step, which on CPU cost as much as the matmuls of a decode step. Attention sees
+the same values in the same shapes; the generated tokens are identical (tested).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 import copy
 import inspect
 
+import torch
 from lm_eval.models.huggingface import HFLM
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 # A prefix shorter than this is not worth a separate forward pass.
 MIN_SHARED = 32
@@ -55,6 +61,38 @@ def plan_groups(seqs: list[tuple], starts: list[int], min_shared: int = MIN_SHAR
     return [(p if len(m) > 1 else 0, m) for p, m in groups]
 
 
+class AppendLayer(DynamicLayer):
+    """DynamicLayer whose update writes into preallocated capacity (doubling when full) and
+    exposes views of the filled part: O(new tokens) per step instead of O(cache length)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        buf = getattr(self, "_buf", None)
+        n0 = self.get_seq_length()
+        n = n0 + key_states.shape[-2]
+        # crop / batch_select / repeat_interleave replace self.keys: then rebuild from it
+        ours = buf is not None and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.shape[0] == buf[0].shape[0]
+        if not ours or n > buf[0].shape[-2]:
+            b, h, _, d = key_states.shape
+            buf = tuple(torch.empty((b, h, max(2 * n, n + 256), d), dtype=key_states.dtype, device=key_states.device)
+                        for _ in range(2))
+            if n0:
+                buf[0][..., :n0, :] = self.keys
+                buf[1][..., :n0, :] = self.values
+            self._buf = buf
+        buf[0][..., n0:n, :] = key_states
+        buf[1][..., n0:n, :] = value_states
+        self.keys, self.values = buf[0][..., :n, :], buf[1][..., :n, :]
+        return self.keys, self.values
+
+
+def append_cache() -> DynamicCache:
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = AppendLayer
+    return cache
+
+
 class PrefixCachingHFLM(HFLM):
     """HFLM whose log-likelihood path reuses shared-prefix KV state (see module docstring)."""
 
@@ -64,10 +102,14 @@ class PrefixCachingHFLM(HFLM):
         params = inspect.signature(self.model.forward).parameters
         self.prefix_caching = self.backend == "causal" and "logits_to_keep" in params
 
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        if self.prefix_caching and "past_key_values" not in generation_kwargs:
+            generation_kwargs["past_key_values"] = append_cache()
+        return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         if not self.prefix_caching or self.batch_size == "auto":
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        import torch
 
         # Inputs exactly as stock HFLM builds them: left-truncated to max_length, last token dropped.
         inputs, conts = [], []
@@ -103,15 +145,12 @@ class PrefixCachingHFLM(HFLM):
         return res
 
     def _prefix_cache(self, prefix: tuple):
-        import torch
-
         with torch.no_grad():
             out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
         return out.past_key_values
 
     def _suffix_logprobs(self, seqs, starts, prefix_len: int, cache):
         """Log-softmax rows for positions start..end of each sequence, run after the shared prefix."""
-        import torch
         import torch.nn.functional as F
 
         suffixes = [s[prefix_len:] for s in seqs]
