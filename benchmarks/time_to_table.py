@@ -32,9 +32,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
-# The fixed item subsets: the first N items of each task's test split (N per subject for MMLU),
-# in roughly the proportions of the full suite (MMLU dominant, then TruthfulQA, GSM8K, HumanEval).
-SUBSETS = {"mmlu": 4, "truthfulqa_mc2": 40, "gsm8k": 8, "humaneval": 8}
+# The fixed item subsets: the first N items of each task's test split (N per subject for MMLU):
+# 285 MMLU items (5-shot), 40 TruthfulQA MC2, one batch of 8 GSM8K (5-shot, 256 new tokens) and
+# one batch of 4 HumanEval prompts (256 new tokens). Log-likelihood work dominates, as it does
+# in the full suite's MMLU; generation is one batch per generative task.
+SUBSETS = {"mmlu": 5, "truthfulqa_mc2": 40, "gsm8k": 8, "humaneval": 4}
 QUICK = {"mmlu": 1, "truthfulqa_mc2": 8, "gsm8k": 2, "humaneval": 2}
 MAX_GEN_TOKS = 256  # GSM8K's stock cap; HumanEval's stock 1,024 lowered to the same for both routes
 BATCH_SIZE = 8
@@ -82,10 +84,12 @@ def stock_samples(task_dir: Path, subsets: dict) -> dict[str, list[int]]:
     out = {}
     for name, n in subsets.items():
         if name == "mmlu":
-            for f in sorted((task_dir / "mmlu").glob("*.yaml")):
-                m = re.search(r"^task: (mmlu_\w+)", f.read_text(), re.M)
+            for f in sorted((task_dir / "mmlu").glob("mmlu_*.yaml")):
+                m = re.search(r'^"?task"?: "?(mmlu_\w+)"?$', f.read_text(), re.M)
                 if m:
                     out[m.group(1)] = list(range(n))
+            if len(out) != 57:  # else lm-eval would run every MMLU item
+                sys.exit(f"found {len(out)} MMLU subjects in {task_dir / 'mmlu'}, expected 57")
         else:
             out[name] = list(range(n))
     return out

@@ -128,3 +128,20 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
     model(ids[:, 4:], past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 6 and layer._buf[0].shape[-2] == capacity  # appended, not reallocated
     assert layer.keys.data_ptr() == layer._buf[0].data_ptr()
+
+
+def test_rows_with_run_time_activation_quantization_keep_stock_log_likelihoods(tmp_path):
+    """FP8-dynamic activations round to 8 bits at run time: a different summation order can move a
+    value across a rounding boundary, so those rows are not prefix-shared."""
+    import json
+
+    from pipeline.backends.hf import _dynamic_activations
+
+    def cfg(groups):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"config_groups": groups}}))
+        return _dynamic_activations(tmp_path)
+
+    assert cfg({"g": {"weights": {"num_bits": 8}, "input_activations": {"dynamic": True, "strategy": "token"}}})
+    assert not cfg({"g": {"weights": {"num_bits": 4}, "input_activations": None}})
+    (tmp_path / "config.json").write_text("{}")
+    assert not _dynamic_activations(tmp_path)

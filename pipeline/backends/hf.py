@@ -32,6 +32,14 @@ def _quant_summary(path: Path) -> str:
     return ""
 
 
+def _dynamic_activations(path: Path) -> bool:
+    """Activations quantized at run time (FP8_DYNAMIC, W8A8): an 8-bit rounding step turns the
+    float noise of another summation order into visible changes, so such rows skip prefix reuse."""
+    cfg = json.loads((path / "config.json").read_text())
+    groups = (cfg.get("quantization_config") or {}).get("config_groups") or {}
+    return any((g or {}).get("input_activations") for g in groups.values())
+
+
 def _check_load_report(info: dict, path: Path) -> None:
     bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     bad = {k: v for k, v in bad.items() if v}
@@ -116,8 +124,12 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
     tokenizer = AutoTokenizer.from_pretrained(art.path)
     torch.manual_seed(1234)
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
-    # A runtime patch may own the KV cache (TurboQuant): those rows keep stock HFLM's full prompts.
-    lm_class = HFLM if art.meta.get("runtime_patches") else PrefixCachingHFLM
-    lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+    # A runtime patch may own the KV cache (TurboQuant): those rows keep stock HFLM. Rows with
+    # run-time activation quantization keep stock log-likelihoods (see _dynamic_activations).
+    if art.meta.get("runtime_patches"):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
                   max_length=min(limit, max_length))
+    else:
+        lm = PrefixCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                               max_length=min(limit, max_length), share_prefixes=not _dynamic_activations(art.path))
     return LoadedModel(lm=lm, evaluated_as=how, engine="transformers")

@@ -96,14 +96,15 @@ def append_cache() -> DynamicCache:
 class PrefixCachingHFLM(HFLM):
     """HFLM whose log-likelihood path reuses shared-prefix KV state (see module docstring)."""
 
-    def __init__(self, *args, min_shared: int = MIN_SHARED, **kwargs):
+    def __init__(self, *args, min_shared: int = MIN_SHARED, share_prefixes: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.min_shared = min_shared
         params = inspect.signature(self.model.forward).parameters
-        self.prefix_caching = self.backend == "causal" and "logits_to_keep" in params
+        self.causal = self.backend == "causal"
+        self.prefix_caching = share_prefixes and self.causal and "logits_to_keep" in params
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        if self.prefix_caching and "past_key_values" not in generation_kwargs:
+        if self.causal and "past_key_values" not in generation_kwargs:
             generation_kwargs["past_key_values"] = append_cache()
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
