@@ -56,11 +56,12 @@ def refuse_evaluation_data(recipe) -> None:
         )
 
 
-def _python_docs() -> list[str]:
+def stdlib_docstrings(modules, min_chars: int) -> list[str]:
+    """Distinct docstrings longer than min_chars of the modules' public members, in a fixed order."""
     import importlib
 
     docs = []
-    for name in _DOC_MODULES:
+    for name in modules:
         mod = importlib.import_module(name)
         for attr, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
             # private names get patched by libraries, and which submodules are attributes depends
@@ -68,9 +69,13 @@ def _python_docs() -> list[str]:
             if attr.startswith("_") or inspect.ismodule(obj):
                 continue
             d = inspect.getdoc(obj)
-            if d and len(d) > 200:
+            if d and len(d) > min_chars:
                 docs.append(d)
     return list(dict.fromkeys(docs))  # many members share a docstring
+
+
+def _python_docs() -> list[str]:
+    return stdlib_docstrings(_DOC_MODULES, 200)
 
 
 def _read_local(path: Path, text_field: str) -> list[str]:

@@ -107,14 +107,16 @@ def run_on_ray(runners: list[Runner], address: str | None = None, wait: bool = F
                 runner.start()
                 spec = runner_spec(runner)
                 res = runner.recipe.resources
+                bd = build.options(**res.build.ray_options())
                 ev = evaluate.options(**res.evaluate.ray_options())
+                dv = divergence.options(**res.evaluate.ray_options())
                 base = [ev.remote(spec, "base", runner.base, t) for t in runner.evaluator.tasks]
-                base_ref = divergence.options(**res.evaluate.ray_options()).remote(spec, "base", runner.base)
+                base_ref = dv.remote(spec, "base", runner.base)
                 rows = {}
                 for variant in runner.variants:
-                    art = build.options(**res.build.ray_options()).remote(spec, variant)
+                    art = bd.remote(spec, variant)
                     rows[variant] = (art, [ev.remote(spec, variant, art, t) for t in runner.evaluator.tasks]
-                                     + [divergence.options(**res.evaluate.ray_options()).remote(spec, variant, art, base_ref)])
+                                     + [dv.remote(spec, variant, art, base_ref)])
                 log(f"{runner.recipe.name}: submitted {1 + len(rows)} rows x {len(runner.evaluator.tasks)} tasks to Ray")
                 submitted.append((runner, base + [base_ref], rows))
             reports = []

@@ -14,12 +14,12 @@ Texts: `docs` — docstrings of standard-library modules that are *not* in the c
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 from pathlib import Path
 
 import numpy as np
+
+from .calibration import stdlib_docstrings
 
 TOP_K = 64
 CHUNK = 256  # tokens per window
@@ -29,15 +29,7 @@ _KL_MODULES = ("difflib", "heapq", "bisect", "random", "shutil", "tempfile", "in
 
 
 def corpus(data_dir: Path | None, max_docs: int = 32) -> dict[str, str]:
-    docs = []
-    for name in _KL_MODULES:
-        mod = importlib.import_module(name)
-        for attr, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
-            if attr.startswith("_") or inspect.ismodule(obj):  # patched or present depending on other imports
-                continue
-            d = inspect.getdoc(obj)
-            if d and len(d) > 300 and d not in docs:
-                docs.append(d)
+    docs = stdlib_docstrings(_KL_MODULES, 300)
     out = {"docs": "\n\n".join(docs[:max_docs])}
     if data_dir is not None and (Path(data_dir) / "gsm8k" / "test.jsonl").is_file():
         qs = [json.loads(x)["question"] for x in (Path(data_dir) / "gsm8k" / "test.jsonl").read_text().split("\n")[:24] if x]

@@ -19,7 +19,6 @@ from .stats import fmt_points as _pts
 from .stats import mean_stderr, paired
 
 
-
 def load_samples(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 

@@ -26,7 +26,6 @@ def log(msg: str) -> None:
     print(f"[quantpipe] {msg}", file=sys.stderr, flush=True)
 
 
-
 class Runner:
     def __init__(self, recipe: Recipe, artifacts_root: Path, allow_code_execution: bool = False,
                  data_dir: Path | None = None, variants: list[str] | None = None, workdir: Path | None = None):
