@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 # The fixed item subsets: the first N items of each task's test split (N per subject for MMLU):
-# 285 MMLU items (5-shot), 40 TruthfulQA MC2, one batch of 8 GSM8K (5-shot, 256 new tokens) and
+# 285 MMLU items (5-shot, the suite's setting), 40 TruthfulQA MC2, one batch of 8 GSM8K (5-shot, 256 new tokens) and
 # one batch of 4 HumanEval prompts (256 new tokens). Log-likelihood work dominates, as it does
 # in the full suite's MMLU; generation is one batch per generative task.
 SUBSETS = {"mmlu": 5, "truthfulqa_mc2": 40, "gsm8k": 8, "humaneval": 4}
@@ -92,6 +92,21 @@ def stock_samples(task_dir: Path, subsets: dict) -> dict[str, list[int]]:
                 sys.exit(f"found {len(out)} MMLU subjects in {task_dir / 'mmlu'}, expected 57")
         else:
             out[name] = list(range(n))
+    return out
+
+
+def stock_task_dir(task_dir: Path, fewshot: dict[str, int], work: Path) -> Path:
+    """The same task YAMLs for the CLI with the suite's few-shot counts written in: the CLI's
+    --num_fewshot would apply to every task (TruthfulQA is 0-shot), and lm-eval's stock mmlu is
+    0-shot while the suite runs it 5-shot."""
+    out = work / "stock-tasks"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(task_dir, out)
+    for task, n in fewshot.items():
+        if task != "mmlu":  # the others' stock YAMLs already carry the suite's count
+            sys.exit(f"benchmark: no stock YAML edit for a few-shot override of {task}")
+        template = out / "mmlu" / "_default_template_yaml"
+        template.write_text(template.read_text() + f"num_fewshot: {n}\n")
     return out
 
 
@@ -224,7 +239,8 @@ def main() -> int:
     log("building the variants (not timed; reused on later runs)")
     built = quantpipe("build", recipe, "--artifacts", arts).stdout
     sys.path.insert(0, str(ROOT))
-    from pipeline.evaluation import prepare_task_dir
+    from pipeline.evaluation import prepare_task_dir, resolve_tasks
+    from pipeline.recipe import load_recipe
     from pipeline.models import resolve_model
     from pipeline.offline_data import build_mirrors
 
@@ -234,6 +250,8 @@ def main() -> int:
         variant, fmt, path = line.split("\t")
         rows[variant] = (Path(path), "auto")  # what quantpipe's loader passes for quantized checkpoints
     task_dir = prepare_task_dir(work / "tasks", list(subsets), build_mirrors(Path(args.data_dir)))
+    _, specs = resolve_tasks(load_recipe(recipe))
+    task_dir = stock_task_dir(task_dir, {t: s.num_fewshot for t, s in specs.items() if s.num_fewshot is not None}, work)
 
     log(f"(a) stock route: lm-eval CLI x {len(rows)} rows")
     t_stock, stock = run_stock(rows, task_dir, subsets, work)

@@ -49,10 +49,12 @@ def corpus_key(texts: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16] + f"-k{TOP_K}-c{CHUNK}"
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+def _log_softmax(x) -> np.ndarray:
+    """float64 log-softmax over the vocabulary (torch: vectorized and threaded; numpy's took
+    0.7 s per 256-token window of a 49k vocabulary, most of a row's KL time)."""
+    import torch
+
+    return torch.log_softmax(torch.as_tensor(x).to(torch.float64), dim=-1).numpy()
 
 
 def sequence_logprobs(loaded, ids: list[int]) -> np.ndarray:
@@ -63,7 +65,7 @@ def sequence_logprobs(loaded, ids: list[int]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        out = lm.model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        out = lm.model(torch.tensor([ids])).logits[0, :-1].float()
     return _log_softmax(out)
 
 

@@ -171,7 +171,8 @@ class Evaluator:
                 samples.append({"task": sub, **r})
         record = {
             "task": task, "results": out["results"], "groups": out.get("groups", {}),
-            "n_samples": out.get("n-samples", {}), "evaluated_as": loaded.evaluated_as, "engine": loaded.engine,
+            "n_samples": out.get("n-samples", {}), "n_shot": out.get("n-shot", {}),
+            "evaluated_as": loaded.evaluated_as, "engine": loaded.engine,
             "seconds": round(time.time() - t0, 1),
         }
         return json.loads(json.dumps(record, default=str)), json.loads(json.dumps(samples, default=str))

@@ -33,8 +33,20 @@ def _row_scores(row_dir: Path) -> dict[str, dict]:
         items = item_scores(load_samples(samples_path), bench)
         if items:
             mean, se = mean_stderr(list(items.values()))
-            out[bench.column] = {"items": items, "score": mean, "stderr": se, "evaluated_as": rec.get("evaluated_as")}
+            out[bench.column] = {"items": items, "score": mean, "stderr": se, "evaluated_as": rec.get("evaluated_as"),
+                                 "n_shot": _n_shot(rec, bench.task)}
     return out
+
+
+def _n_shot(rec: dict, task: str) -> int | None:
+    """Few-shot examples per prompt, as lm-eval reported them (a group: its subtasks' common value)."""
+    shots = {int(v) for k, v in (rec.get("n_shot") or {}).items() if k == task or k.startswith(f"{task}_")}
+    return shots.pop() if len(shots) == 1 else None
+
+
+# What each column's score is; the few-shot count is added from the results themselves.
+METRIC_TEXT = {"MMLU": "acc", "HumanEval": "pass@1 (greedy)", "GSM8K": "exact match, flexible-extract",
+               "TruthfulQA": "MC2"}
 
 
 def build_table(root: Path, rows: list[str]) -> dict:
@@ -68,7 +80,12 @@ def build_table(root: Path, rows: list[str]) -> dict:
         entry["evaluated_as"] = "; ".join(sorted(evaluated))
         entry["avg_drop_pct"] = sum(drops) / len(drops) if drops else None
         table.append(entry)
-    return {"rows": table, "benchmarks": [b.__dict__ for b in BENCHMARKS]}
+    shots = {}
+    for bench in BENCHMARKS:  # the base's count; every row runs the same task settings
+        n = base.get(bench.column, {}).get("n_shot")
+        if n is not None:
+            shots[bench.column] = n
+    return {"rows": table, "benchmarks": [b.__dict__ for b in BENCHMARKS], "n_shot": shots}
 
 
 def _fmt_size(n):
@@ -105,8 +122,8 @@ def to_markdown(t: dict) -> str:
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "
         "test for 0/1 metrics, paired bootstrap otherwise). Avg drop: the mean over benchmarks of the relative "
         "drop (base − variant) / base, in %, over the benchmarks where the base scores above 0. Items per benchmark: " + ", ".join(f"{c} {n[c]}" for c in cols) + ".",
-        "MMLU: acc (5-shot); HumanEval: pass@1 (greedy); GSM8K: exact match, flexible-extract (5-shot); "
-        "TruthfulQA: MC2 (0-shot). Size: bytes on disk of the artifact's files.",
+        "; ".join(f"{c}: {METRIC_TEXT.get(c, c)}" + (f" ({t['n_shot'][c]}-shot)" if c in t.get("n_shot", {}) else "")
+                  for c in cols) + ". Size: bytes on disk of the artifact's files.",
         "",
         "How each row was evaluated:",
     ]

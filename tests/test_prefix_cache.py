@@ -34,16 +34,20 @@ def test_sequences_with_a_long_common_prefix_share_one_group():
 
 @pytest.fixture(scope="module")
 def tiny_lms(tiny_model):
+    """Stock HFLM and ours, each on its own copy of the model (ours switches its attention)."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+
     tok = AutoTokenizer.from_pretrained(tiny_model)
     torch.set_grad_enabled(False)
-    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu", max_length=512)
-    ours = PrefixCachingHFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu", max_length=512, min_shared=8)
-    return stock, ours, model
+    stock = HFLM(pretrained=load(), tokenizer=tok, batch_size=3, device="cpu", max_length=512)
+    ours = PrefixCachingHFLM(pretrained=load(), tokenizer=tok, batch_size=3, device="cpu", max_length=512, min_shared=8)
+    assert stock.model.config._attn_implementation == "sdpa" and ours.model.config._attn_implementation == "sdpa_gqa"
+    return stock, ours, ours.model
 
 
 def _requests(n_items=5):
@@ -63,35 +67,61 @@ def _requests(n_items=5):
     return reqs
 
 
-def _count_tokens(model):
-    seen = []
-    original = model.forward
+class _Count:
+    """Counts the positions a module is applied to (its input's batch x sequence), and its calls."""
 
-    def forward(input_ids=None, **kw):
-        seen.append(input_ids.numel())
-        return original(input_ids=input_ids, **kw)
-    return seen, original, forward
+    def __init__(self, module):
+        self.positions = self.calls = 0
+        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        x = args[0] if args else kwargs["input_ids"]
+        self.positions += x.shape[0] * x.shape[1]
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _assert_same_answers(got, want):
+    assert len(got) == len(want)
+    for (lp, greedy), (lp0, greedy0) in zip(got, want):
+        assert lp == pytest.approx(lp0, abs=1e-4)
+        assert greedy == greedy0
 
 
 def test_loglikelihoods_match_stock_hflm_with_fewer_tokens_run(tiny_lms):
     stock, ours, model = tiny_lms
     reqs = _requests()
-    seen, original, counting = _count_tokens(model)
-    model.forward = counting
-    try:
+    with _Count(model.model) as ours_tokens, _Count(stock.model.model) as stock_tokens:
         got = ours.loglikelihood(reqs)
-        ours_tokens = sum(seen)
-        seen.clear()
         want = stock.loglikelihood(reqs)
-        stock_tokens = sum(seen)
-    finally:
-        model.forward = original
-    assert len(got) == len(want) == len(reqs)
-    for (lp, greedy), (lp0, greedy0) in zip(got, want):
-        assert lp == pytest.approx(lp0, abs=1e-4)
-        assert greedy == greedy0
+    _assert_same_answers(got, want)
     # the shared preamble ran once, not once per question and answer
-    assert ours_tokens < 0.5 * stock_tokens
+    assert ours_tokens.positions < 0.5 * stock_tokens.positions
+
+
+def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_read(tiny_model, tiny_lms):
+    """share_prefixes=False (rows with run-time activation rounding) keeps stock's batches and
+    inputs exactly; only the LM head is applied to fewer positions."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stock = tiny_lms[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    ours = PrefixCachingHFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model), batch_size=3,
+                             device="cpu", max_length=512, share_prefixes=False)
+    reqs = _requests()
+    with _Count(model.model) as body, _Count(model.lm_head) as head, \
+            _Count(stock.model.model) as stock_body, _Count(stock.model.lm_head) as stock_head:
+        got = ours.loglikelihood(reqs)
+        want = stock.loglikelihood(reqs)
+    _assert_same_answers(got, want)
+    assert body.positions == stock_body.positions and body.calls == stock_body.calls  # same batches
+    assert head.positions < 0.5 * stock_head.positions
+    assert ours._read_from is None  # the window table does not outlive the call
 
 
 def test_rolling_loglikelihood_matches_stock(tiny_lms):
@@ -128,6 +158,54 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
     model(ids[:, 4:], past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 6 and layer._buf[0].shape[-2] == capacity  # appended, not reallocated
     assert layer.keys.data_ptr() == layer._buf[0].data_ptr()
+
+
+def test_generation_stops_once_every_row_text_is_settled(tiny_lms):
+    """Rows that end on different stop strings: stock runs the batch to the token cap (no single
+    stop string is in every row); ours stops when each row's cut is final, with the same texts."""
+    from lm_eval.api.instance import Instance
+
+    from helpers import FIXED_TEXT
+
+    stock, ours, model = tiny_lms
+    prompts = [FIXED_TEXT[: 60 + 30 * i] for i in range(3)]
+    probe = stock.generate_until([Instance("generate_until", {}, (p, {"until": ["\x00"], "max_gen_toks": 60}), idx=i)
+                                  for i, p in enumerate(prompts)])
+    # one stop string per row, from its own text at different depths and absent from the others
+    stops = []
+    for i, text in enumerate(probe):
+        others = [t for j, t in enumerate(probe) if j != i]
+        stops.append(next(text[k:k + 3] for k in range(8 + 6 * i, len(text) - 3)
+                          if not any(text[k:k + 3] in o for o in others)))
+    gen = {"until": stops, "max_gen_toks": 60, "do_sample": False}
+    reqs = [Instance("generate_until", {}, (p, gen), idx=i) for i, p in enumerate(prompts)]
+    with _Count(model.model) as ours_steps, _Count(stock.model.model) as stock_steps:
+        got, want = ours.generate_until(reqs), stock.generate_until(reqs)
+    assert got == want
+    assert all(len(g) < len(t) for g, t in zip(got, probe))  # every row was cut by a stop string
+    assert ours_steps.calls < stock_steps.calls
+
+
+def test_gqa_attention_in_place_is_bit_identical_to_sdpa(tiny_model):
+    """sdpa_gqa reads shared key/value heads in place: exactly stock SDPA's outputs, with a
+    left-padding mask, with a cached prefix, and when decoding one token."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    stock, ours = (AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval() for _ in range(2))
+    ours.set_attn_implementation("sdpa_gqa")
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (3, 70))
+    mask = torch.ones_like(ids)
+    mask[1:, :9] = 0
+    assert torch.equal(stock(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits)
+    caches = [m(ids[:1, :50], use_cache=True).past_key_values for m in (stock, ours)]
+    for c in caches:
+        c.batch_repeat_interleave(3)
+    a, b = (m(ids[:, 50:], past_key_values=c, use_cache=True).logits for m, c in zip((stock, ours), caches))
+    assert torch.equal(a, b)
+    a, b = (m(ids[:, :1], past_key_values=c, use_cache=True).logits for m, c in zip((stock, ours), caches))
+    assert torch.equal(a, b)
 
 
 def test_rows_with_run_time_activation_quantization_keep_stock_log_likelihoods(tmp_path):
