@@ -68,6 +68,9 @@ def test_table_has_every_row_and_benchmark(finished):
     md = (root / "report" / "degradation.md").read_text()
     assert "| Method | Bits | MMLU | HumanEval | GSM8K | TruthfulQA | Size | Avg drop |" in md
     assert "dequantized on CPU" in md and "relative drop" in md
+    # few-shot counts as lm-eval ran them (the smoke suite runs MMLU 0-shot; GSM8K's stock config is 5-shot)
+    assert "MMLU: acc (0-shot)" in md and "GSM8K: exact match, flexible-extract (5-shot)" in md
+    assert "TruthfulQA: MC2 (0-shot)" in md
     assert (root / "report" / "degradation.csv").read_text().startswith("method,bits,MMLU,")
     assert "| Method |" in r.stdout  # printed too
 

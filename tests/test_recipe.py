@@ -42,6 +42,11 @@ def test_good_recipe_parses_and_repo_recipes_validate():
     batch, tasks = resolve_tasks(r)
     assert set(tasks) == {"mmlu", "humaneval", "gsm8k", "truthfulqa_mc1", "truthfulqa_mc2"}
     assert r.data_dir().name == "data"
+    # lm-eval's stock mmlu is 0-shot: the suites that report MMLU 5-shot must say so explicitly,
+    # and a recipe override of the limit keeps it
+    assert tasks["mmlu"].num_fewshot == 5
+    full = parse_recipe(copy.deepcopy(GOOD) | {"eval": {"suite": "full", "tasks": {"mmlu": {"limit": 3}}}})
+    assert resolve_tasks(full)[1]["mmlu"].num_fewshot == 5
 
 
 def test_unknown_stage_names_field_and_registered_stages():
