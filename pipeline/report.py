@@ -44,10 +44,6 @@ def _n_shot(rec: dict, task: str) -> int | None:
     return shots.pop() if len(shots) == 1 else None
 
 
-# What each column's score is; the few-shot count is added from the results themselves.
-METRIC_TEXT = {"MMLU": "acc", "HumanEval": "pass@1 (greedy)", "GSM8K": "exact match, flexible-extract",
-               "TruthfulQA": "MC2"}
-
 
 def build_table(root: Path, rows: list[str]) -> dict:
     base = _row_scores(root / "base")
@@ -80,12 +76,9 @@ def build_table(root: Path, rows: list[str]) -> dict:
         entry["evaluated_as"] = "; ".join(sorted(evaluated))
         entry["avg_drop_pct"] = sum(drops) / len(drops) if drops else None
         table.append(entry)
-    shots = {}
-    for bench in BENCHMARKS:  # the base's count; every row runs the same task settings
-        n = base.get(bench.column, {}).get("n_shot")
-        if n is not None:
-            shots[bench.column] = n
-    return {"rows": table, "benchmarks": [b.__dict__ for b in BENCHMARKS], "n_shot": shots}
+    # few-shot count: the base's, as lm-eval reported it (every row runs the same task settings)
+    benchmarks = [{**b.__dict__, "n_shot": base.get(b.column, {}).get("n_shot")} for b in BENCHMARKS]
+    return {"rows": table, "benchmarks": benchmarks}
 
 
 def _fmt_size(n):
@@ -122,8 +115,8 @@ def to_markdown(t: dict) -> str:
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "
         "test for 0/1 metrics, paired bootstrap otherwise). Avg drop: the mean over benchmarks of the relative "
         "drop (base − variant) / base, in %, over the benchmarks where the base scores above 0. Items per benchmark: " + ", ".join(f"{c} {n[c]}" for c in cols) + ".",
-        "; ".join(f"{c}: {METRIC_TEXT.get(c, c)}" + (f" ({t['n_shot'][c]}-shot)" if c in t.get("n_shot", {}) else "")
-                  for c in cols) + ". Size: bytes on disk of the artifact's files.",
+        "; ".join(f"{b['column']}: {b['label']}" + (f" ({b['n_shot']}-shot)" if b.get("n_shot") is not None else "")
+                  for b in t["benchmarks"]) + ". Size: bytes on disk of the artifact's files.",
         "",
         "How each row was evaluated:",
     ]
