@@ -7,15 +7,8 @@ import json
 import random
 from pathlib import Path
 
+from .benchmarks import evaluation_folders, refused_calibration_ids
 from .errors import QuantpipeError, RecipeError
-
-# Hub ids of the evaluation sets (lower-cased) and the folder names of their local copies.
-EVAL_HUB_IDS = {
-    "cais/mmlu", "hendrycks_test", "edinburgh-dawg/mmlu-redux", "edinburgh-dawg/mmlu-redux-2.0",
-    "openai/gsm8k", "gsm8k", "openai/openai_humaneval", "openai_humaneval",
-    "truthfulqa/truthful_qa", "truthful_qa",
-}
-EVAL_FOLDERS = {"mmlu", "mmlu_redux", "gsm8k", "humaneval", "truthfulqa"}
 
 # Stdlib modules whose docstrings form the offline default corpus: English prose about code,
 # present on every Python install, and disjoint from every benchmark we evaluate.
@@ -45,9 +38,9 @@ def refuse_evaluation_data(recipe) -> None:
         return
     if _looks_local(ds):
         parts = {x.lower() for x in _local_path(recipe, ds).parts}
-        hit = parts & EVAL_FOLDERS
+        hit = parts & evaluation_folders()
     else:
-        hit = {ds.lower()} & EVAL_HUB_IDS
+        hit = {ds.lower()} & refused_calibration_ids()
     if hit:
         raise RecipeError(
             "calibration.dataset",
@@ -99,7 +92,7 @@ def _read_hub(dataset: str, split: str, text_field: str) -> list[str]:
     try:
         ds = load_dataset(dataset, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
-        raise QuantpipeError(f"cannot load calibration dataset '{dataset}' split '{split}': {e}") from None
+        raise QuantpipeError(f"cannot load calibration dataset '{dataset}' split '{split}': {e}") from e
     if text_field not in ds.column_names:
         raise QuantpipeError(f"calibration dataset '{dataset}' has no column '{text_field}' (has {ds.column_names})")
     return [str(t) for t in ds[text_field]]

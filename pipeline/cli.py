@@ -1,100 +1,151 @@
-"""Command line: quantpipe run | build | table | gate | doctor | validate | stages | models fetch."""
+"""Command line: quantpipe run | build | table | gate | plan | doctor | validate | stages | backends | models fetch.
+
+Results go to standard output (see log.py); progress, one line per plan step, to standard error.
+Bad input: one line and exit 2. Ctrl-C / SIGTERM: one line, child processes stopped, the lock
+released, and the next run resumes from what was stored.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 
 from .errors import QuantpipeError
+from .log import capture_stdout, results, setup
+
+log = logging.getLogger("quantpipe")
 
 
-def _run(a) -> int:
+def _jobs(a):
+    from .job import Job
     from .recipe import load_recipe
-    from .runner import Runner
 
-    runners = []
-    for path in a.recipe:
+    jobs = []
+    for path in a.recipe if isinstance(a.recipe, list) else [a.recipe]:
         recipe = load_recipe(path)
         if a.offline:
             recipe.offline = True
-        if a.engine:
+        if getattr(a, "engine", None):
             recipe.eval.engine = a.engine
-        runners.append(Runner(recipe, Path(a.artifacts), a.allow_code_execution,
-                              Path(a.data_dir) if a.data_dir else None, a.variant))
-    if a.variant and len(runners) > 1:
+        jobs.append(Job(recipe, Path(a.artifacts), getattr(a, "allow_code_execution", False),
+                        Path(a.data_dir) if getattr(a, "data_dir", None) else None, a.variant))
+    if a.variant and len(jobs) > 1:
         raise QuantpipeError("--variant names variants of one recipe; pass a single recipe with it")
-    if len({r.recipe.name for r in runners}) < len(runners):
+    if len({j.recipe.name for j in jobs}) < len(jobs):
         raise QuantpipeError("two recipes share a name, so they would share an artifact folder")
+    return jobs
+
+
+def _run(a) -> int:
+    from .runner import run_local
+
+    jobs = _jobs(a)
     if a.executor == "ray":
         from .distributed import run_on_ray
 
-        reports = run_on_ray(runners, a.ray_address, wait=a.wait)
+        reports = run_on_ray(jobs, a.ray_address, wait=a.wait)
     else:
         if a.ray_address:
             raise QuantpipeError("--ray-address needs --executor ray")
-        reports = [r.run(wait=a.wait) for r in runners]
+        reports = [run_local(j, wait=a.wait) for j in jobs]
     for report in reports:
-        print((report / "degradation.md").read_text())
-        print(f"report: {report}/degradation.{{md,csv,json}}", file=sys.stderr)
+        results().write((report / "degradation.md").read_text() + "\n")
+        log.info("report: %s/degradation.{md,csv,json}, report.html", report)
     return 0
 
 
 def _build(a) -> int:
-    """Stage outputs only (e.g. to evaluate elsewhere, or by hand)."""
-    from . import artifacts as store
-    from .recipe import load_recipe
-    from .runner import Runner
+    """Stage outputs only (e.g. to evaluate elsewhere, or by hand): the plan cut after the builds."""
+    from .runner import run_local
 
-    recipe = load_recipe(a.recipe)
-    if a.offline:
-        recipe.offline = True
-    runner = Runner(recipe, Path(a.artifacts), variants=a.variant)
-    with store.run_lock(runner.root, wait=a.wait):
-        store.clean_stale_tmp(runner.root)
-        runner.prepare_model()
-        for variant in runner.variants:
-            art = runner.build(variant)
-            print(f"{variant}\t{art.format}\t{art.path}")
-    return 0
+    (job,) = _jobs(a)
+    run_local(job, wait=a.wait, builds_only=True)
+    failed = []
+    for row in job.variants:
+        try:
+            art = job.artifact(row)
+        except QuantpipeError as e:
+            failed.append(row)
+            log.error("%s: %s", row, e)
+            continue
+        line = {"variant": row, "format": art.format, "path": str(art.path), "bits": art.bits, "key": art.key}
+        results().write((json.dumps(line) if a.json else f"{row}\t{art.format}\t{art.path}") + "\n")
+    return 1 if failed else 0
 
 
 def _table(a) -> int:
     from .report import write_report
+    from .store import run_lock
 
     root = Path(a.run_dir)
-    if not (root / "base").is_dir():
-        raise QuantpipeError(f"{root} holds no run (no base/ folder); pass artifacts/<recipe-name>")
-    out = write_report(root, root.name)
-    print((out / f"degradation.{a.format}").read_text())
+    if not (root / "plan.json").is_file():
+        raise QuantpipeError(f"{root} holds no run (no plan.json); pass artifacts/<recipe-name>")
+    with run_lock(root, wait=a.wait):  # never a table of a run in progress
+        out = write_report(root)
+    name = {"md": "degradation.md", "csv": "degradation.csv", "json": "degradation.json"}[a.format]
+    if a.layout == "section7" and a.format == "md":
+        name = "degradation-section7.md"
+    results().write((out / name).read_text())
     return 0
 
 
-def _gate(a) -> int:
-    from .gate import GateConfig, evaluate_gate, junit_xml, load_table, summary
+def _run_folder(target: Path, artifacts: Path) -> tuple[Path, object]:
+    """A run folder, or a recipe file (its run folder under --artifacts) and the recipe's gate."""
+    if target.is_file():
+        from .recipe import load_recipe
 
-    table, cfg = load_table(Path(a.target))
+        recipe = load_recipe(target)
+        return artifacts / recipe.name, recipe.gate
+    return target, None
+
+
+def _gate(a) -> int:
+    from .gate import evaluate_gate, junit_xml, summary
+    from .recipe import GateConfig
+    from .store import read_json
+    from .table import Table
+
+    root, cfg = _run_folder(Path(a.target), Path(a.artifacts))
+    path = root / "report" / "degradation.json"
+    if not path.is_file():
+        raise QuantpipeError(f"no table at {path}; run `quantpipe run` (or `quantpipe table {root}`) first")
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise QuantpipeError(f"{path} is not valid JSON (an interrupted write?); run `quantpipe table {root}`")
+    table = Table.from_dict(data)
+    if cfg is None:
+        stored = (read_json(root / "recipe.json") or {}).get("gate")
+        cfg = GateConfig.model_validate(stored) if stored else None
     merged = (cfg.model_dump() if cfg else {}) | {k: v for k, v in {
-        "max_avg_drop": a.max_avg_drop, "min_items": a.min_items, "min_recovery": a.min_recovery, "max_kl": a.max_kl,
-        "require_significant": a.require_significant or None, "variants": a.variant}.items() if v is not None}
+        "max_avg_drop": a.max_avg_drop, "min_recovery": a.min_recovery, "max_kl": a.max_kl, "alpha": a.alpha,
+        "point_estimate": a.point_estimate or None, "variants": a.variant}.items() if v is not None}
     for item in a.max_drop or []:
         bench, _, value = item.partition("=")
-        if not value:
-            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'")
         try:
             merged.setdefault("max_drop", {})[bench] = float(value)
-        except ValueError:
-            raise QuantpipeError(f"--max-drop {item}: '{value}' is not a number") from None
-    cfg = GateConfig.model_validate(merged)
-    if not cfg.max_drop and cfg.max_avg_drop is None and cfg.min_recovery is None and cfg.max_kl is None:
+        except ValueError as e:
+            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'") from e
+    from pydantic import ValidationError
+
+    try:
+        cfg = GateConfig.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise QuantpipeError(f"gate setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+    if not cfg.has_thresholds():
         raise QuantpipeError("no thresholds: set gate: in the recipe or pass --max-drop / --max-avg-drop / --min-recovery / --max-kl")
     verdict = evaluate_gate(table, cfg)
-    print(summary(verdict))
-    if a.json:
-        Path(a.json).write_text(json.dumps(verdict.to_dict(), indent=1))
-    if a.junit:
-        Path(a.junit).write_text(junit_xml(verdict))
+    results().write(summary(verdict) + "\n")
+    for dest, text in ((a.json, lambda: json.dumps(verdict.to_dict(), indent=1)), (a.junit, lambda: junit_xml(verdict))):
+        if dest:
+            try:
+                Path(dest).write_text(text())
+            except OSError as e:
+                raise QuantpipeError(f"cannot write {dest}: {e.strerror}") from e
     return verdict.exit_code
 
 
@@ -103,9 +154,9 @@ def _doctor(a) -> int:
 
     findings = check(a.recipe, Path(a.artifacts), a.allow_code_execution)
     for f in findings:
-        print(f"{'ok  ' if f.ok else 'FAIL'} {f.what}" + (f"\n     fix: {f.fix}" if f.fix else ""))
+        results().write(f"{'ok  ' if f.ok else 'FAIL'} {f.what}" + (f"\n     fix: {f.fix}" if f.fix else "") + "\n")
     bad = sum(not f.ok for f in findings)
-    print(f"{bad} problem(s)" if bad else "ready")
+    results().write((f"{bad} problem(s)" if bad else "ready") + "\n")
     return 1 if bad else 0
 
 
@@ -115,100 +166,133 @@ def _validate(a) -> int:
 
     recipe = load_recipe(a.recipe)
     resolve_tasks(recipe)
-    print(f"{a.recipe}: ok ({len(recipe.variants)} variants: {', '.join(recipe.variants)})")
+    results().write(f"{a.recipe}: ok ({len(recipe.variants)} variants: {', '.join(recipe.variants)})\n")
     return 0
 
 
 def _stages(a) -> int:
-    from .registry import available_stages
+    from .stages.registry import available_stages
 
     for name, ep in sorted(available_stages().items()):
-        print(f"{name:12s} {ep.value}  ({ep.dist.name if ep.dist else '?'})")
+        results().write(f"{name:12s} {ep.value}  ({ep.dist.name if ep.dist else '?'})\n")
+    return 0
+
+
+def _backends(a) -> int:
+    from .backends.base import _load_class, available_backends
+
+    for name, ep in sorted(available_backends().items()):
+        cls = _load_class(ep)
+        results().write(f"{name:12s} engine {cls.engine:8s} formats {', '.join(cls.formats):28s} {ep.value}  "
+                        f"({ep.dist.name if ep.dist else '?'})\n")
     return 0
 
 
 def _fetch(a) -> int:
     from .models import fetch_builtin
 
-    print(fetch_builtin(a.name, force=a.force))
+    results().write(f"{fetch_builtin(a.name, force=a.force)}\n")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="quantpipe", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="everything, third-party output included")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    p = argparse.ArgumentParser(prog="quantpipe", description=__doc__.split("\n")[0], parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("run", help="quantize every variant, evaluate, write the table")
-    r.add_argument("recipe", nargs="+", help="one recipe, or several (one per model) run as one batch")
-    r.add_argument("--artifacts", default="artifacts", help="artifact store root (default: artifacts)")
+    def cmd(name, fn, help):
+        s = sub.add_parser(name, help=help, parents=[common])
+        s.set_defaults(fn=fn)
+        return s
+
+    def recipe_args(s, many=False):
+        s.add_argument("recipe", nargs="+" if many else None, help="recipe file(s)" if many else "recipe file")
+        s.add_argument("--artifacts", default="artifacts", help="artifact store root (default: artifacts)")
+        s.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
+        s.add_argument("--variant", action="append", help="only this variant (repeatable)")
+        s.add_argument("--wait", action="store_true", help="if another run holds this recipe's folder, wait for it")
+
+    r = cmd("run", _run, "quantize every variant, evaluate, write the table")
+    recipe_args(r, many=True)
     r.add_argument("--allow-code-execution", action="store_true",
                    help="opt in to running model-written code (HumanEval), sandboxed")
     r.add_argument("--data-dir", help="local dataset copies (overrides the recipe's eval.data_dir)")
-    r.add_argument("--offline", action="store_true", help="never contact a model or dataset hub")
-    r.add_argument("--variant", action="append", help="run only this variant (repeatable)")
-    r.add_argument("--wait", action="store_true", help="if another run holds this recipe's folder, wait for it")
     r.add_argument("--engine", choices=["default", "vllm"],
                    help="evaluation engine (overrides the recipe's eval.engine); vllm needs a CUDA GPU")
     r.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: this process (default); ray: one task per variant build and per row x benchmark")
+                   help="local: this process (default); ray: one task per plan step")
     r.add_argument("--ray-address", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto); default: start one here")
-    r.set_defaults(fn=_run)
 
-    b = sub.add_parser("build", help="build the variants' artifacts only; print variant, format, path")
-    b.add_argument("recipe")
-    b.add_argument("--artifacts", default="artifacts")
-    b.add_argument("--offline", action="store_true")
-    b.add_argument("--variant", action="append")
-    b.add_argument("--wait", action="store_true")
-    b.set_defaults(fn=_build)
+    b = cmd("build", _build, "build the variants' artifacts only; print variant, format, path")
+    recipe_args(b)
+    b.add_argument("--json", action="store_true", help="one JSON object per variant (for programs)")
 
-    t = sub.add_parser("table", help="rebuild and print the table from stored results")
+    t = cmd("table", _table, "rebuild and print the table from stored results")
     t.add_argument("run_dir")
     t.add_argument("--format", choices=["md", "csv", "json"], default="md")
-    t.set_defaults(fn=_table)
+    t.add_argument("--layout", choices=["methods", "section7"], default="methods",
+                   help="section7: benchmarks as rows, methods as columns, Average Drop last")
+    t.add_argument("--wait", action="store_true", help="wait for a run in progress instead of refusing")
 
-    g = sub.add_parser("gate", help="deploy decision from a run's table: exit 0 pass, 1 fail, 2 error/undecided")
+    g = cmd("gate", _gate, "deploy decision from a run's table: exit 0 pass, 1 fail, 2 error/undecided")
     g.add_argument("target", help="run folder (artifacts/<recipe>) or recipe file")
-    g.add_argument("--max-drop", action="append", metavar="BENCH=POINTS", help="max drop in points (BENCH or default)")
+    g.add_argument("--artifacts", default="artifacts", help="where a recipe's run folder is (default: artifacts)")
+    g.add_argument("--max-drop", action="append", metavar="BENCH=POINTS", help="margin in points (BENCH or default)")
     g.add_argument("--max-avg-drop", type=float, metavar="PCT", help="max average relative drop, %%")
     g.add_argument("--min-recovery", type=float, metavar="PCT", help="min variant/base score per benchmark, %%")
     g.add_argument("--max-kl", type=float, metavar="NATS", help="max mean next-token KL to the base")
-    g.add_argument("--require-significant", action="store_true", help="fail only when the 95%% CI of the drop exceeds the threshold")
-    g.add_argument("--min-items", type=int, help="below this many items an undecidable check is reported as such")
+    g.add_argument("--alpha", type=float, help="family-wise error rate per variant (default 0.05)")
+    g.add_argument("--point-estimate", action="store_true", help="decide on point estimates (not a statistical test)")
     g.add_argument("--variant", action="append", help="check only this variant (repeatable)")
     g.add_argument("--json", help="write the verdict as JSON here")
     g.add_argument("--junit", help="write the verdict as JUnit XML here")
-    g.set_defaults(fn=_gate)
 
-    d = sub.add_parser("doctor", help="check packages, accelerator, disk, data and opt-ins before a long run")
+    d = cmd("doctor", _doctor, "check packages, accelerator, disk, data and opt-ins before a long run")
     d.add_argument("recipe", nargs="?")
     d.add_argument("--artifacts", default="artifacts")
     d.add_argument("--allow-code-execution", action="store_true")
-    d.set_defaults(fn=_doctor)
 
-    v = sub.add_parser("validate", help="check a recipe without running anything")
+    v = cmd("validate", _validate, "check a recipe without running anything")
     v.add_argument("recipe")
-    v.set_defaults(fn=_validate)
 
-    s = sub.add_parser("stages", help="list registered stages (entry points 'quantpipe.stages')")
-    s.set_defaults(fn=_stages)
+    cmd("stages", _stages, "list registered stages (entry points 'quantpipe.stages')")
+    cmd("backends", _backends, "list registered evaluation backends (entry points 'quantpipe.backends')")
 
-    m = sub.add_parser("models", help="built-in models")
+    m = sub.add_parser("models", help="built-in models", parents=[common])
     msub = m.add_subparsers(dest="models_cmd", required=True)
-    f = msub.add_parser("fetch", help="build an HF checkpoint of a built-in model")
+    f = msub.add_parser("fetch", help="build an HF checkpoint of a built-in model", parents=[common])
     f.add_argument("name")
     f.add_argument("--force", action="store_true")
     f.set_defaults(fn=_fetch)
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so context managers (locks, child processes) unwind."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup(1 if args.verbose else -1 if args.quiet else 0)
+    capture_stdout()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.fn(args)
     except QuantpipeError as e:
         print(f"quantpipe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("quantpipe: interrupted; finished steps are stored and the next run resumes from them", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("quantpipe: terminated; finished steps are stored and the next run resumes from them", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

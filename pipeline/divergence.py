@@ -49,24 +49,9 @@ def corpus_key(texts: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16] + f"-k{TOP_K}-c{CHUNK}"
 
 
-def _log_softmax(x) -> np.ndarray:
-    """float64 log-softmax over the vocabulary (torch: vectorized and threaded; numpy's took
-    0.7 s per 256-token window of a 49k vocabulary, most of a row's KL time)."""
-    import torch
-
-    return torch.log_softmax(torch.as_tensor(x).to(torch.float64), dim=-1).numpy()
-
-
 def sequence_logprobs(loaded, ids: list[int]) -> np.ndarray:
-    """(len(ids)-1, vocab) next-token log-probs for positions 0..n-2, from any evaluation backend."""
-    lm = loaded.lm
-    if hasattr(lm, "logits") and callable(lm.logits):  # llama.cpp backend
-        return _log_softmax(np.array(lm.logits(ids)[:-1]))
-    import torch
-
-    with torch.no_grad():
-        out = lm.model(torch.tensor([ids])).logits[0, :-1].float()
-    return _log_softmax(out)
+    """(len(ids)-1, vocab) next-token log-probs for positions 0..n-2, from the row's backend."""
+    return np.asarray(loaded.next_token_logprobs(ids))
 
 
 def base_reference(loaded, tokenizer, texts: dict[str, str]) -> dict:
@@ -124,11 +109,13 @@ def compare(loaded, ref: dict) -> dict:
             nll_b.append(-tgt_b)
             nll_v.append(-logq[np.arange(len(w) - 1), w[1:]])
             mass.append(p_top.sum(-1))
+        window_kl = [float(k.mean()) for k in kls]
         kls, agree = np.concatenate(kls), np.concatenate(agree)
         nb, nv = np.concatenate(nll_b), np.concatenate(nll_v)
         out[name] = {
             "tokens": int(len(kls)), "mean_kl": float(kls.mean()), "kl_p99": float(np.percentile(kls, 99)),
             "top1_agreement": float(agree.mean()), "ppl_base": float(np.exp(nb.mean())), "ppl": float(np.exp(nv.mean())),
             "ppl_ratio": float(np.exp(nv.mean() - nb.mean())), "base_topk_mass": float(np.concatenate(mass).mean()),
+            "window_kl": window_kl,
         }
     return out

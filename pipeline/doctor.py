@@ -7,8 +7,18 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PINS = {"torch": "2.13.0", "llmcompressor": "0.14.0.1", "compressed-tensors": "0.19.0", "gptqmodel": "7.6.0",
-        "lm-eval": "0.4.13", "transformers": "5.17.0"}
+CONSTRAINTS = Path(__file__).resolve().parent.parent / "constraints.txt"
+CHECKED = ("torch", "llmcompressor", "compressed-tensors", "gptqmodel", "lm-eval", "transformers")
+
+
+def pins() -> dict[str, str]:
+    """name -> version, from constraints.txt: the one place pins live."""
+    out = {}
+    for line in CONSTRAINTS.read_text().splitlines() if CONSTRAINTS.is_file() else []:
+        name, sep, ver = line.split("#")[0].strip().partition("==")
+        if sep:
+            out[name.strip().lower()] = ver.strip()
+    return out
 
 
 @dataclass
@@ -29,7 +39,8 @@ def _pkg(name: str, want: str | None) -> Finding:
 
 
 def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) -> list[Finding]:
-    out = [_pkg(n, v) for n, v in PINS.items()]
+    pinned = pins()
+    out = [_pkg(n, pinned.get(n)) for n in CHECKED]
     try:
         import torch
 
@@ -53,7 +64,7 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
     if recipe is not None:
         stages = {s.stage for chain in recipe.variants.values() for s in chain}
         if "gguf" in stages:
-            out.append(_pkg("llama-cpp-python", "0.3.36"))
+            out.append(_pkg("llama-cpp-python", pinned.get("llama-cpp-python")))
         d = recipe.data_dir()
         if d is not None:
             from .offline_data import required_files

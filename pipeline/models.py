@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QuantpipeError
-from .stages.base import ModelInfo
+from .store import fingerprint_files
+from .types import ModelInfo
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ def resolve_model(model_id: str, offline: bool) -> Path | str:
 
         try:
             return Path(snapshot_download(model_id, local_files_only=True))
-        except Exception:  # noqa: BLE001
-            raise QuantpipeError(f"offline mode: hub model '{model_id}' is not in the local HF cache") from None
+        except Exception as e:  # noqa: BLE001 - any failure means: not in the cache
+            raise QuantpipeError(f"offline mode: hub model '{model_id}' is not in the local HF cache") from e
     return model_id
 
 
@@ -112,7 +113,7 @@ def model_info(path: Path | str) -> ModelInfo:
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001
-        raise QuantpipeError(f"cannot read the model config of '{path}': {e}") from None
+        raise QuantpipeError(f"cannot read the model config of '{path}': {e}") from e
     cfg = getattr(cfg, "text_config", cfg)
     heads = cfg.num_attention_heads
     return ModelInfo(
@@ -126,16 +127,12 @@ def model_info(path: Path | str) -> ModelInfo:
 
 
 def fingerprint(path: Path | str) -> str:
-    """Identity of a base model for artifact keys: config content plus weight file names and sizes
-    (cheap; a re-fetched or edited checkpoint changes it)."""
+    """Identity of a base model for artifact keys: the content of every file in its folder (weights
+    included; hashes cached by path, size and mtime), or the hub id for a hub model."""
     p = Path(path)
     if not p.exists():
         return f"hub:{path}"
-    h = hashlib.sha256((p / "config.json").read_bytes())
-    for f in sorted(p.iterdir()):
-        if f.is_file():
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+    return fingerprint_files([f for f in sorted(p.iterdir()) if f.is_file()])
 
 
 def count_parameters(path: Path | str) -> int | None:

@@ -16,27 +16,15 @@ from pathlib import Path
 
 import yaml
 
+from .benchmarks import MIRRORED
 from .errors import QuantpipeError
-
-# hub dataset id -> (folder under data_dir, {config: {split: file}}); MMLU is split per subject below.
-MIRRORS = {
-    "openai/gsm8k": ("gsm8k", {"main": {"train": "train.jsonl", "test": "test.jsonl"}}),
-    "openai/openai_humaneval": ("humaneval", {"openai_humaneval": {"test": "test.jsonl"}}),
-    "truthfulqa/truthful_qa": (
-        "truthfulqa",
-        {"generation": {"validation": "generation/validation.jsonl"},
-         "multiple_choice": {"validation": "multiple_choice/validation.jsonl"}},
-    ),
-    "cais/mmlu": ("mmlu", None),
-}
-
 
 def required_files(data_dir: Path) -> list[Path]:
     """Every file build_mirrors reads (MMLU: one test and one dev file for all subjects)."""
     out = []
-    for folder, configs in MIRRORS.values():
-        splits = configs or {"all": {"test": "test.jsonl", "dev": "dev.jsonl"}}
-        out += [Path(data_dir) / folder / rel for cfg in splits.values() for rel in cfg.values()]
+    for d in MIRRORED:
+        splits = d.configs or {"all": {"test": "test.jsonl", "dev": "dev.jsonl"}}
+        out += [Path(data_dir) / d.folder / rel for cfg in splits.values() for rel in cfg.values()]
     return out
 
 
@@ -66,8 +54,8 @@ def _mirror_mmlu(src: Path, dest: Path) -> None:
             if line.strip():
                 try:
                     rows[json.loads(line)["subject"]].append(line)
-                except (ValueError, KeyError):
-                    raise QuantpipeError(f"{src / f'{split}.jsonl'}:{n} is not an MMLU row with a 'subject'") from None
+                except (ValueError, KeyError) as e:
+                    raise QuantpipeError(f"{src / f'{split}.jsonl'}:{n} is not an MMLU row with a 'subject'") from e
         by_split[split] = rows
     configs = {}
     for subject in sorted(by_split["test"]):
@@ -89,22 +77,22 @@ def build_mirrors(data_dir: Path) -> dict[str, Path]:
         st = f.stat()
         h.update(f"{f.relative_to(data_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
     root = _cache_root() / h.hexdigest()[:16]
-    out = {hub_id: root / folder for hub_id, (folder, _) in MIRRORS.items()}
+    out = {d.hub_id: root / d.folder for d in MIRRORED}
     if (root / ".complete").exists():
         return out
-    for hub_id, (folder, configs) in MIRRORS.items():
-        dest = root / folder
+    for d in MIRRORED:
+        dest = root / d.folder
         dest.mkdir(parents=True, exist_ok=True)
-        if configs is None:
-            _mirror_mmlu(data_dir / folder, dest)
+        if d.configs is None:
+            _mirror_mmlu(data_dir / d.folder, dest)
             continue
-        for splits in configs.values():
+        for splits in d.configs.values():
             for rel in splits.values():
                 link = dest / rel
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if link.is_symlink() or link.exists():
                     link.unlink()
-                link.symlink_to(_need(data_dir / folder / rel))
-        _write_readme(dest, configs)
+                link.symlink_to(_need(data_dir / d.folder / rel))
+        _write_readme(dest, d.configs)
     (root / ".complete").write_text("")
     return out

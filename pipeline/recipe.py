@@ -7,6 +7,7 @@ checks what depends on the model itself (e.g. that group_size divides every laye
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import QuantpipeError, RecipeError
-from .registry import get_stage
+from .stages.registry import get_stage
 
 EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
 
@@ -74,6 +75,39 @@ class Resources(Strict):
     evaluate: TaskResources = Field(default_factory=TaskResources, description="one (row, benchmark) evaluation")
 
 
+class GateConfig(Strict):
+    """The deploy gate's thresholds (a non-inferiority test per check, see docs/statistics.md)."""
+
+    max_drop: dict[str, float] = Field(default_factory=dict, description="benchmark (or 'default') -> points")
+    max_avg_drop: float | None = Field(None, description="average relative drop, % (point estimate, reported)")
+    min_recovery: float | None = Field(None, gt=0, le=200, description="per benchmark: variant / base score, %")
+    max_kl: float | None = Field(None, ge=0, description="mean next-token KL to the base on the docs text, nats")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate per variant, across its checks")
+    point_estimate: bool = Field(False, description="decide on point estimates: not a test, and labelled so")
+    variants: list[str] | None = None
+
+    @field_validator("max_drop")
+    @classmethod
+    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, x in v.items():
+            if not math.isfinite(x) or x < 0:
+                raise ValueError(f"max_drop.{k}: {x} is not a finite number of points >= 0")
+        return v
+
+    @field_validator("max_avg_drop")
+    @classmethod
+    def _finite_avg(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    def limit(self, bench: str) -> float | None:
+        return self.max_drop.get(bench, self.max_drop.get("default"))
+
+    def has_thresholds(self) -> bool:
+        return bool(self.max_drop) or any(x is not None for x in (self.max_avg_drop, self.min_recovery, self.max_kl))
+
+
 class StageSpec(BaseModel):
     """One link of a variant's chain: `stage` names a registered stage; other keys are its params."""
 
@@ -91,7 +125,7 @@ class Recipe(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     variants: dict[str, list[StageSpec]]
     offline: bool = False
-    gate: dict[str, Any] | None = None
+    gate: GateConfig | None = None
     resources: Resources = Field(default_factory=Resources)
     source: Path | None = Field(None, exclude=True)
 
@@ -154,7 +188,7 @@ def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
-        raise _first_error("", e) from None
+        raise _first_error("", e) from e
     recipe.source = source
     for vname, chain in recipe.variants.items():
         fmt = "hf"
@@ -163,11 +197,11 @@ def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
             try:
                 cls = get_stage(spec.stage)
             except QuantpipeError as e:
-                raise RecipeError(f"{field}.stage", str(e)) from None
+                raise RecipeError(f"{field}.stage", str(e)) from e
             try:
                 stage = cls(cls.Params.model_validate(spec.params_dict()))
             except ValidationError as e:
-                raise _first_error(field, e) from None
+                raise _first_error(field, e) from e
             if fmt not in stage.accepts:
                 raise RecipeError(
                     f"{field}.stage",
@@ -175,13 +209,6 @@ def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
                     f"produces '{fmt}'; reorder the chain",
                 )
             fmt = stage.output_format(fmt)
-    if recipe.gate is not None:
-        from .gate import GateConfig
-
-        try:
-            GateConfig.model_validate(recipe.gate)
-        except ValidationError as e:
-            raise _first_error("gate", e) from None
     from .calibration import refuse_evaluation_data
 
     refuse_evaluation_data(recipe)
@@ -195,7 +222,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise QuantpipeError(f"recipe {path} is not valid YAML: {e}") from None
+        raise QuantpipeError(f"recipe {path} is not valid YAML: {e}") from e
     return parse_recipe(data, source=path.resolve())
 
 
@@ -206,7 +233,7 @@ def check_against_model(recipe: Recipe, info) -> None:
             try:
                 stage.check(info)
             except ValueError as e:
-                raise RecipeError(f"variants.{vname}[{i}]", str(e)) from None
+                raise RecipeError(f"variants.{vname}[{i}]", str(e)) from e
 
 
 def load_suite(name: str) -> dict:

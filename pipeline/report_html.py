@@ -5,26 +5,26 @@ from __future__ import annotations
 import html
 import math
 
-from .evaluation import BENCHMARKS
-from .stats import fmt_points as _pts
+from .formatting import fmt_avg, fmt_bytes, fmt_delta, fmt_score
+from .table import Cell, Row, Table
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f", "#393b79"]
 
 
-def bits_per_param(entry: dict, n_params: int | None) -> float | None:
-    if not n_params or not entry.get("size_bytes"):
+def bits_per_param(r: Row, n_params: int | None) -> float | None:
+    if not n_params or not r.size_bytes:
         return None
-    return 8 * entry["size_bytes"] / n_params
+    return 8 * r.size_bytes / n_params
 
 
-def _plot(t: dict, column: str, n_params: int | None, w: int = 420, h: int = 260) -> str:
+def _plot(t: Table, column: str, w: int = 420, h: int = 260) -> str:
     pts = []
-    for i, e in enumerate(t["rows"]):
-        c = e["benchmarks"].get(column)
-        x = bits_per_param(e, n_params)
+    for i, r in enumerate(t.rows):
+        c = r.cells.get(column)
+        x = bits_per_param(r, t.n_params)
         if c and x:
-            se = 0 if math.isnan(c["stderr"]) else c["stderr"]
-            pts.append((e["row"], x, 100 * c["score"], 100 * se, COLORS[i % len(COLORS)]))
+            se = 0 if math.isnan(c.stderr) else c.stderr
+            pts.append((r.name, x, 100 * c.score, 100 * se, COLORS[i % len(COLORS)]))
     if not pts:
         return f"<p>No {html.escape(column)} scores.</p>"
     pad_l, pad_b, pad_t, pad_r = 44, 34, 22, 10
@@ -59,53 +59,66 @@ def _plot(t: dict, column: str, n_params: int | None, w: int = 420, h: int = 260
     return "".join(out)
 
 
-def _cell(c: dict | None) -> str:
+def _cell(c: Cell | None) -> str:
     if not c:
         return "<td>–</td>"
-    s = f"{100 * c['score']:.1f}" + ("" if math.isnan(c["stderr"]) else f" ± {100 * c['stderr']:.1f}")
-    p = c.get("paired")
-    if p and p["n"]:
-        cls = "sig" if p["significant"] else "ns"
-        flips = (f"<br><small>flips −{p['correct_to_wrong']} / +{p['wrong_to_correct']} ({p['flip_pct']:.1f}%)</small>"
-                 if p.get("correct_to_wrong") is not None else "")
-        s += (f"<br><span class='{cls}'>Δ {_pts(p['diff'])} [{_pts(p['ci_low'])}, {_pts(p['ci_high'])}]"
-              f"{' *' if p['significant'] else ''}</span>{flips}")
+    s = fmt_score(c)
+    p = c.paired
+    if p and p.n:
+        cls = "sig" if p.significant else "ns"
+        flips = (f"<br><small>flips −{p.correct_to_wrong} / +{p.wrong_to_correct} ({p.flip_pct:.1f}%)</small>"
+                 if p.correct_to_wrong is not None else "")
+        s += f"<br><span class='{cls}'>{html.escape(fmt_delta(c))}</span>{flips}"
     return f"<td>{s}</td>"
 
 
-def to_html(t: dict, n_params: int | None) -> str:
-    cols = [b.column for b in BENCHMARKS]
+def _verdict(verdict) -> str:
+    if verdict is None:
+        return ""
+    rows = "".join(
+        f"<tr class='{c.status}'><th>{html.escape(c.variant)}</th><td>{html.escape(c.check)}</td><td>{c.status.upper()}</td>"
+        f"<td>{'' if c.n is None else c.n}</td><td>{html.escape(c.interval_text())}</td><td>{html.escape(c.message)}</td></tr>"
+        for c in verdict.checks)
+    return (f"<h2>Deploy gate: {verdict.status.upper()} (exit {verdict.exit_code})</h2>"
+            "<table><tr><th>Variant</th><th>check</th><th>decision</th><th>items</th><th>interval</th><th>why</th></tr>"
+            f"{rows}</table>")
+
+
+def to_html(t: Table, verdict=None) -> str:
+    cols = [c.name for c in t.columns]
     rows = []
-    for e in t["rows"]:
-        avg = "reference" if e["row"] == "base" else ("–" if e["avg_drop_pct"] is None else f"{_pts(e['avg_drop_pct'] / 100, sign=False)}%")
-        size = f"{e['size_bytes'] / 2**20:.0f} MiB" if e.get("size_bytes") else "–"
-        err = f"<br><span class='err'>error: {html.escape(e['error'])}</span>" if e["error"] else ""
-        rows.append(f"<tr><th>{html.escape(e['row'])}{err}</th><td>{html.escape(str(e['bits'] or '–'))}</td>"
-                    + "".join(_cell(e["benchmarks"].get(c)) for c in cols) + f"<td>{size}</td><td>{avg}</td></tr>")
+    for r in t.rows:
+        err = f"<br><span class='err'>error: {html.escape(r.error)}</span>" if r.error else ""
+        rows.append(f"<tr><th>{html.escape(r.name)}{err}</th><td>{html.escape(str(r.bits or '–'))}</td>"
+                    + "".join(_cell(r.cells.get(c)) for c in cols)
+                    + f"<td>{fmt_bytes(r.size_bytes)}</td><td>{fmt_bytes(r.peak_memory_bytes)}</td><td>{fmt_avg(r)}</td></tr>")
     div = []
-    for e in t["rows"]:
-        for name, d in (e.get("divergence") or {}).items():
-            div.append(f"<tr><th>{html.escape(e['row'])}</th><td>{name}</td><td>{d['mean_kl']:.4f}</td>"
-                       f"<td>{100 * d['top1_agreement']:.1f}%</td><td>{d['ppl_ratio']:.3f}</td><td>{d['tokens']}</td></tr>")
-    how = "".join(f"<li><b>{html.escape(e['row'])}</b>: {html.escape(e['evaluated_as'] or '–')}</li>" for e in t["rows"])
-    plots = "".join(_plot(t, c, n_params) for c in cols)
+    for r in t.rows:
+        for name, d in r.divergence.items():
+            div.append(f"<tr><th>{html.escape(r.name)}</th><td>{html.escape(name)}</td><td>{d.mean_kl:.4f}</td>"
+                       f"<td>{100 * d.top1_agreement:.1f}%</td><td>{d.ppl_ratio:.3f}</td><td>{d.tokens}</td></tr>")
+    how = "".join(f"<li><b>{html.escape(r.name)}</b>: {html.escape(r.evaluated_as or '–')}</li>" for r in t.rows)
+    plots = "".join(_plot(t, c) for c in cols)
     legend = "".join(f'<span class="key"><svg width="12" height="12"><circle cx="6" cy="6" r="5" fill="{COLORS[i % len(COLORS)]}"/></svg> '
-                     f'{html.escape(e["row"])}</span>' for i, e in enumerate(t["rows"]))
+                     f'{html.escape(r.name)}</span>' for i, r in enumerate(t.rows))
+    title = html.escape(t.recipe)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(t.get('recipe', ''))} — quantpipe report</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title} — quantpipe report</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
 table {{ border-collapse: collapse; margin: 12px 0; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; font-size: 13px; vertical-align: top; }}
 th {{ background: #f5f5f5; text-align: left; }} .sig {{ color: #b00; font-weight: bold; }} .ns {{ color: #666; }}
+tr.fail td {{ color: #b00; }} tr.pass td {{ color: #070; }} tr.undecided td, tr.error td {{ color: #a60; }}
 .err {{ color: #b00; font-weight: normal; font-size: 11px; }} .plots {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 .plot {{ border: 1px solid #ddd; background: #fff; }} .legend {{ margin: 6px 0; }} .key {{ margin-right: 14px; font-size: 13px; white-space: nowrap; }} small {{ color: #555; }}
 </style></head><body>
-<h1>{html.escape(t.get('recipe', ''))}: quality degradation</h1>
-<table><tr><th>Method</th><th>Bits</th>{''.join(f'<th>{c}</th>' for c in cols)}<th>Size</th><th>Avg drop</th></tr>
+<h1>{title}: quality degradation</h1>
+<table><tr><th>Method</th><th>Bits</th>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}<th>Size</th><th>Peak memory</th><th>Avg drop</th></tr>
 {''.join(rows)}</table>
 <p>Scores in % (mean ± standard error). Δ: variant − base in points with a paired 95% bootstrap interval over the same items;
 <span class="sig">red *</span> marks p &lt; 0.05 (exact McNemar for 0/1 metrics). Flips: correct→wrong / wrong→correct.
-Avg drop: mean relative drop over benchmarks.</p>
+Avg drop: mean relative drop over benchmarks. Peak memory: largest resident set (CPU) or CUDA allocation while evaluating.</p>
+{_verdict(verdict)}
 <h2>Quality vs size</h2><div class="legend">{legend}</div><div class="plots">{plots}</div>
 <p><small>x: artifact bytes × 8 / base parameters (embeddings and unquantized layers included; KV-cache rows share
 their weights' size). Error bars: ± one standard error.</small></p>
@@ -114,36 +127,3 @@ their weights' size). Error bars: ± one standard error.</small></p>
 <h2>How each row was evaluated</h2><ul>{how}</ul>
 </body></html>
 """
-
-
-def model_card(t: dict, row: str) -> str:
-    """A Markdown snippet for one variant's model card: its row next to the base, and how measured."""
-    cols = [b.column for b in BENCHMARKS]
-    rows = {e["row"]: e for e in t["rows"]}
-    e = rows[row]
-    lines = [f"## Quantization quality: {row}", "",
-             "| Method | Bits | " + " | ".join(cols) + " | Avg drop |", "|---|---|" + "---|" * len(cols) + "---|"]
-    for r in ("base", row):
-        x = rows[r]
-        cells = []
-        for c in cols:
-            cell = x["benchmarks"].get(c)
-            if not cell:
-                cells.append("–")
-                continue
-            s = f"{100 * cell['score']:.1f}"
-            p = cell.get("paired")
-            if p and p["n"]:
-                s += f" (Δ {_pts(p['diff'])}, 95% CI [{_pts(p['ci_low'])}, {_pts(p['ci_high'])}])"
-            cells.append(s)
-        avg = "reference" if r == "base" else ("–" if x["avg_drop_pct"] is None else f"{_pts(x['avg_drop_pct'] / 100, sign=False)}%")
-        lines.append(f"| {r} | {x['bits'] or '–'} | " + " | ".join(cells) + f" | {avg} |")
-    chain = " → ".join(f"{s['stage']}({', '.join(f'{k}={v}' for k, v in s['params'].items())})" for s in e.get("chain", []))
-    n = ", ".join(f"{c} {e['benchmarks'][c]['n']}" for c in cols if c in e["benchmarks"])
-    lines += ["", f"Measured with quantpipe on lm-eval's stock tasks ({n} items; paired with the base on the same items).",
-              f"Stages: {chain or '–'}.", f"Evaluated as: {e['evaluated_as'] or '–'}."]
-    d = (e.get("divergence") or {}).get("docs")
-    if d:
-        lines.append(f"Next-token KL to base {d['mean_kl']:.4f}, same top-1 token {100 * d['top1_agreement']:.1f}%, "
-                     f"perplexity ratio {d['ppl_ratio']:.3f} ({d['tokens']} tokens).")
-    return "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ difference is much tighter than the two scores' intervals suggest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import binomtest
@@ -28,17 +28,11 @@ class Paired:
     def significant(self) -> bool:
         return self.p_value < 0.05
 
-    def to_dict(self) -> dict:
-        d = {**asdict(self), "significant": self.significant}
-        if self.correct_to_wrong is not None and self.n:
-            d["flip_pct"] = 100 * (self.correct_to_wrong + self.wrong_to_correct) / self.n
-        return d
-
-
-def fmt_points(x: float, sign: bool = True) -> str:
-    """A fraction as percentage points with one decimal, never printing '-0.0'."""
-    v = round(100 * x, 1) + 0.0
-    return f"{v:+.1f}" if sign else f"{v:.1f}"
+    @property
+    def flip_pct(self) -> float | None:
+        if self.correct_to_wrong is None or not self.n:
+            return None
+        return 100 * (self.correct_to_wrong + self.wrong_to_correct) / self.n
 
 
 def mean_stderr(values) -> tuple[float, float]:

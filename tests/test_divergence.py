@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import divergence as dv
-from pipeline.backends import load_for_eval
+from pipeline.backends import load as load_for_eval
 from pipeline.stages.base import Artifact
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from helpers import FIXED_TEXT, mean_kl  # noqa: E402
 from pipeline.backends.llamacpp import LlamaCppLM, _log_softmax  # noqa: E402
-from pipeline.registry import get_stage  # noqa: E402
+from pipeline.stages.registry import get_stage  # noqa: E402
 from pipeline.stages.base import Artifact  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import build_tiny_model
 from helpers import mean_kl, token_logprobs
-from pipeline.backends import load_for_eval
+from pipeline.backends import load as load_for_eval
 from pipeline.calibration import load_calibration
 from pipeline.recipe import parse_recipe
-from pipeline.registry import get_stage
+from pipeline.stages.registry import get_stage
 from pipeline.stages.base import Artifact, StageContext
 
 # Measured on this tiny model: FP8 ~0.002, W4 g128 0.013-0.021, an unrelated random model ~0.39.

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from helpers import FIXED_TEXT, mean_kl, token_logprobs
 from pipeline.backends.hf import apply_runtime_patches
 from pipeline.recipe import parse_recipe
-from pipeline.registry import get_stage
+from pipeline.stages.registry import get_stage
 from pipeline.stages.base import Artifact
 from pipeline.turboquant import PAPER_MSE, KVConfig, apply_kv_cache, lloyd_max_codebook, mse_bound, quantize_mse, quantize_prod
 

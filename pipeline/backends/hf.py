@@ -1,5 +1,5 @@
-"""Load an artifact into an lm-eval model: HF family (plain, compressed-tensors, GPTQ/AWQ) via
-transformers/GPTQModel here, GGUF via llama.cpp (backends/llamacpp.py).
+"""The in-process backends for the HF family: plain and compressed-tensors checkpoints through
+transformers, GPTQ/AWQ checkpoints through GPTQModel's kernels.
 
 A reloaded checkpoint whose load report lists missing or unexpected weights is an error:
 transformers fills missing weights with random values and only warns.
@@ -8,18 +8,14 @@ transformers fills missing weights with random values and only warns.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import QuantpipeError
-from ..stages.base import Artifact
-
-
-@dataclass
-class LoadedModel:
-    lm: object  # an lm_eval.api.model.LM
-    evaluated_as: str  # shown in the table: how this row was run
-    engine: str
+from ..evaluation import SEEDS
+from ..types import Artifact
+from .base import Backend, LoadedModel
 
 
 def _quant_summary(path: Path) -> str:
@@ -55,8 +51,8 @@ def _load_transformers(art: Artifact, dtype: str):
     kwargs = {"dtype": dtype if art.format == "hf" else "auto", "output_loading_info": True}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(art.path, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise QuantpipeError(f"cannot load checkpoint {art.path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - loaders raise many types; the message names the problem
+        raise QuantpipeError(f"cannot load checkpoint {art.path}: {type(e).__name__}: {e}") from e
     _check_load_report(info, art.path)
     model.eval()
     torch.set_grad_enabled(False)
@@ -72,8 +68,8 @@ def _load_gptqmodel(art: Artifact):
 
     try:
         wrapped = GPTQModel.load(str(art.path), device="cpu")
-    except Exception as e:  # noqa: BLE001
-        raise QuantpipeError(f"cannot load {art.format} checkpoint {art.path}: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - loaders raise many types; the message names the problem
+        raise QuantpipeError(f"cannot load {art.format} checkpoint {art.path}: {type(e).__name__}: {e}") from e
     model = wrapped.model
     kernel = type(model.get_submodule(next(n for n, m in model.named_modules() if hasattr(m, "qweight")))).__name__
     return model, f"{art.format.upper()} checkpoint, GPTQModel {kernel} kernel on CPU"
@@ -90,46 +86,55 @@ def apply_runtime_patches(model, meta: dict) -> list[str]:
         try:
             hook = getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
-            raise QuantpipeError(f"artifact names runtime patch '{patch['entry']}', which cannot be imported: {e}") from None
+            raise QuantpipeError(f"artifact names runtime patch '{patch['entry']}', which cannot be imported: {e}") from e
         notes.append(hook(model, patch.get("config", {})))
     return notes
 
 
-def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 4096, engine: str = "default") -> LoadedModel:
+def _lm(model, art: Artifact, batch_size: int, max_length: int):
+    """lm-eval's HF model around a loaded torch model: stock HFLM for rows whose KV cache a
+    runtime patch owns (TurboQuant), prefix-sharing otherwise (off for run-time activation
+    quantization, see _dynamic_activations)."""
     import torch
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
     from .prefix_cache import PrefixCachingHFLM
 
-    if art.format == "gguf":
-        from .llamacpp import LlamaCppLM
-
-        tokenizer = AutoTokenizer.from_pretrained(art.path)
-        lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
-        bpw = art.meta.get("bits_per_weight")
-        return LoadedModel(lm=lm, evaluated_as=f"GGUF ({bpw} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)",
-                           engine="llama.cpp")
-    if engine == "vllm":
-        from .vllm import load_vllm
-
-        return load_vllm(art, dtype, batch_size, max_length)
-    if art.format in ("hf", "compressed-tensors"):
-        model, how = _load_transformers(art, dtype)
-    elif art.format in ("gptq", "awq"):
-        model, how = _load_gptqmodel(art)
-    else:
-        raise QuantpipeError(f"no evaluation backend for artifact format '{art.format}' ({art.path})")
-    how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
     tokenizer = AutoTokenizer.from_pretrained(art.path)
-    torch.manual_seed(1234)
+    torch.manual_seed(SEEDS["torch_random_seed"])
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
-    # A runtime patch may own the KV cache (TurboQuant): those rows keep stock HFLM. Rows with
-    # run-time activation quantization keep stock log-likelihoods (see _dynamic_activations).
     if art.meta.get("runtime_patches"):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-                  max_length=min(limit, max_length))
-    else:
-        lm = PrefixCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-                               max_length=min(limit, max_length), share_prefixes=not _dynamic_activations(art.path))
-    return LoadedModel(lm=lm, evaluated_as=how, engine="transformers")
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                    max_length=min(limit, max_length))
+    return PrefixCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                             max_length=min(limit, max_length), share_prefixes=not _dynamic_activations(art.path))
+
+
+class _TorchBackend(Backend):
+    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            logits = loaded.lm.model(torch.tensor([ids])).logits[0, :-1]
+        return torch.log_softmax(logits.to(torch.float64), dim=-1).numpy()
+
+
+class TransformersBackend(_TorchBackend):
+    name = "transformers"
+    formats = ("hf", "compressed-tensors")
+
+    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+        model, how = _load_transformers(art, dtype)
+        how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
+        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self)
+
+
+class GPTQModelBackend(_TorchBackend):
+    name = "gptqmodel"
+    formats = ("gptq", "awq")
+
+    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+        model, how = _load_gptqmodel(art)
+        how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
+        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self)

@@ -24,6 +24,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import _add_special_kwargs, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from ..evaluation import SEEDS
+from ..types import Artifact
+from .base import Backend, LoadedModel
+
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
     rows = rows.astype(np.float64)
@@ -38,7 +42,7 @@ class LlamaCppLM(TemplateLM):
 
         self.llm = llama_cpp.Llama(
             model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=True,
-            n_threads=os.cpu_count() or 1, n_threads_batch=os.cpu_count() or 1, verbose=False, seed=1234,
+            n_threads=os.cpu_count() or 1, n_threads_batch=os.cpu_count() or 1, verbose=False, seed=SEEDS["torch_random_seed"],
         )
         self.tokenizer = tokenizer
         self.add_bos_token = None  # as lm-eval's HF model by default: the tokenizer decides
@@ -144,3 +148,19 @@ class LlamaCppLM(TemplateLM):
             results[i] = s
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), s)
         return results  # type: ignore[return-value]
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    formats = ("gguf",)
+
+    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(art.path)
+        lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
+        how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)"
+        return LoadedModel(lm, how, "llama.cpp", self)
+
+    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
+        return _log_softmax(np.array(loaded.lm.logits(ids)[:-1]))

@@ -7,46 +7,21 @@ never leaves a half-written artifact that looks complete.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from ..types import Artifact, ModelInfo
+
+__all__ = ["Artifact", "ModelInfo", "Stage", "StageContext", "StageParams"]
 
 
 class StageParams(BaseModel):
     """Base for a stage's parameters. Unknown keys are an error, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
-
-
-@dataclass
-class ModelInfo:
-    """What stages may check before any work starts (from the base model's config)."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    model_type: str
-
-
-@dataclass
-class Artifact:
-    """A model on disk in one serving format.
-
-    format: "hf" (plain transformers), "compressed-tensors" (vLLM), "gptq" / "awq"
-    (GPTQModel native checkpoints, vLLM), "gguf" (llama.cpp).
-    bits: nominal weight bits, shown in the table's Bits column (None for the base row).
-    meta: anything later stages or the evaluator need (e.g. a KV-cache quantizer config).
-    """
-
-    path: Path
-    format: str
-    key: str
-    bits: str | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

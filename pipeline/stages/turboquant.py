@@ -107,7 +107,7 @@ class TurboQuantStage(Stage):
         return Artifact(out_dir, inp.format, key="", bits=bits,
                         meta={**inp.meta, "runtime_patches": patches, "kv_bits_per_element": round(eff, 3),
                               # the same cache on vLLM: its --kv-cache-dtype preset (unmodified presets only)
-                              "vllm_kv_cache_dtype": p.preset if p.preset_unmodified() else None})
+                              "engine_options": {"vllm": {"kv_cache_dtype": p.preset}} if p.preset_unmodified() else {}})
 
     def _weights(self, inp: Artifact, out_dir: Path) -> Artifact:
         import torch

@@ -9,10 +9,10 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
-from .errors import QuantpipeError
+from ..errors import QuantpipeError
 
 if TYPE_CHECKING:
-    from .stages.base import Stage
+    from .base import Stage
 
 GROUP = "quantpipe.stages"
 

@@ -1,0 +1,84 @@
+"""What an evaluation backend is, and the registry that picks one per artifact format and engine.
+
+A backend loads an artifact into an lm-eval model the way it will be served, and gives the
+next-token log-probabilities the KL table needs. Backends register through the
+`quantpipe.backends` entry-point group, exactly as stages do through `quantpipe.stages`
+(quantpipe's own are declared in its pyproject.toml): a plug-in stage that writes a new format
+ships a backend for it the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, ClassVar
+
+from ..errors import QuantpipeError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..types import Artifact
+
+GROUP = "quantpipe.backends"
+DEFAULT_ENGINE = "default"
+
+
+@dataclass
+class LoadedModel:
+    lm: object  # an lm_eval.api.model.LM
+    evaluated_as: str  # shown in the table: how this row was run
+    engine: str
+    backend: Backend
+
+    def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
+        """(len(ids) - 1, vocab) float64 log-probs of the token after each position but the last."""
+        return self.backend.next_token_logprobs(self, ids)
+
+
+class Backend:
+    """Subclass, set the class attributes, implement `load` (and `next_token_logprobs`)."""
+
+    name: ClassVar[str]
+    formats: ClassVar[tuple[str, ...]]  # artifact formats it loads
+    engine: ClassVar[str] = DEFAULT_ENGINE  # the `eval.engine` it serves
+    gives_logprobs: ClassVar[bool] = True  # full next-token distributions (the KL table needs them)
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise QuantpipeError naming what is missing (run before any work)."""
+
+    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+        raise NotImplementedError
+
+    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
+        raise QuantpipeError(f"backend '{self.name}' gives no next-token distributions")
+
+
+def available_backends() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def _load_class(ep) -> type[Backend]:
+    cls = ep.load()
+    if getattr(cls, "name", None) != ep.name:
+        raise QuantpipeError(f"entry point '{ep.name}' ({ep.value}) loads a backend whose .name is "
+                             f"{getattr(cls, 'name', None)!r}; they must match")
+    return cls
+
+
+def backend_for(fmt: str, engine: str = DEFAULT_ENGINE) -> type[Backend]:
+    """The backend registered for (format, engine); an engine without one for this format (vLLM and
+    GGUF) falls back to the default engine's."""
+    classes = [_load_class(ep) for ep in available_backends().values()]
+    for want in dict.fromkeys((engine, DEFAULT_ENGINE)):
+        for cls in classes:
+            if cls.engine == want and fmt in cls.formats:
+                return cls
+    known = ", ".join(sorted({f for c in classes for f in c.formats})) or "none"
+    raise QuantpipeError(f"no evaluation backend for artifact format '{fmt}' (registered formats: {known}); "
+                         f"a plug-in stage that writes it must also register a '{GROUP}' entry point")
+
+
+def load(art: Artifact, dtype: str, batch_size: int, engine: str = DEFAULT_ENGINE, max_length: int = 4096) -> LoadedModel:
+    return backend_for(art.format, engine)().load(art, dtype, batch_size, max_length)

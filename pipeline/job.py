@@ -1,0 +1,292 @@
+"""A job: one recipe prepared once per process, its plan, and how each kind of step runs.
+
+Executors (runner.run_local, distributed.run_on_ray) call `Job.plan()` and then `Job.run_step`
+for each step. A step reads its inputs from the store (the records of the steps it depends on)
+and writes its result through `store.cached`, so a step runs the same in any process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from . import store
+from .backends import LoadedModel, backend_for
+from .backends import load as load_model
+from .calibration import calibration_fingerprint, load_calibration
+from .errors import QuantpipeError
+from .evaluation import Evaluator
+from .models import count_parameters, fingerprint, model_info, resolve_model
+from .plan import Plan, Step
+from .recipe import Recipe, check_against_model
+from .stages.base import StageContext
+from .types import Artifact
+
+log = logging.getLogger("quantpipe")
+
+
+class ModelSlot:
+    """One loaded model at a time: consecutive steps of a row share it."""
+
+    def __init__(self, job: Job):
+        self.job, self.row, self.loaded = job, None, None
+
+    def get(self, row: str) -> LoadedModel:
+        if self.row != row:
+            self.release()
+            art = self.job.artifact(row)
+            log.debug("%s: loading %s for evaluation", row, art.path)
+            self.loaded = load_model(art, self.job.recipe.model.dtype, self.job.evaluator.batch_size, self.job.recipe.eval.engine)
+            self.row = row
+        return self.loaded
+
+    def release(self) -> None:
+        self.row, self.loaded = None, None
+
+
+class Job:
+    def __init__(self, recipe: Recipe, artifacts_root: Path, allow_code_execution: bool = False,
+                 data_dir: Path | None = None, variants: list[str] | None = None, workdir: Path | None = None):
+        self.recipe = recipe
+        self.root = Path(artifacts_root) / recipe.name
+        self.workdir = workdir or self.root / ".work"  # task configs and datasets cache of this process
+        self.allow_code = allow_code_execution
+        self.data_dir = data_dir
+        self.variants = variants or list(recipe.variants)
+        unknown = set(self.variants) - set(recipe.variants)
+        if unknown:
+            raise QuantpipeError(f"no variant named {', '.join(sorted(unknown))} in recipe '{recipe.name}'")
+        self._calibration: list[str] | None = None
+        self._plan: Plan | None = None
+        self.evaluator: Evaluator | None = None
+
+    # -- setup: everything that can fail on bad input fails here, before any work -----------------
+    def prepare(self, evaluation: bool = True) -> None:
+        if self.recipe.offline:
+            for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+                os.environ[var] = "1"
+        self.model_path = resolve_model(self.recipe.model.id, offline=self.recipe.offline)
+        self.info = model_info(self.model_path)
+        check_against_model(self.recipe, self.info)
+        # a local folder, or (online) a hub id that transformers resolves itself
+        self.base_dir = Path(self.model_path) if Path(str(self.model_path)).exists() else None
+        self.base = Artifact(self.base_dir or self.model_path, "hf",
+                             key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype))
+        if evaluation:
+            for fmt in {self._row_format(r) for r in self.rows()}:  # e.g. vLLM without a GPU: refused now
+                backend_for(fmt, self.recipe.eval.engine).check_available()
+            self.evaluator = Evaluator(self.recipe, self.workdir, self.allow_code, self.data_dir)
+
+    def rows(self) -> list[str]:
+        return ["base", *self.variants]
+
+    def _row_format(self, row: str) -> str:
+        fmt = "hf"
+        for stage in ([] if row == "base" else self.recipe.stages(row)):
+            fmt = stage.output_format(fmt)
+        return fmt
+
+    def calibration(self) -> list[str]:
+        if self._calibration is None:
+            self._calibration = load_calibration(self.recipe)
+            log.debug("calibration: %d samples from %s", len(self._calibration), self.recipe.calibration.dataset)
+        return self._calibration
+
+    # -- the plan ---------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        """Every step of this job, keyed; a chain prefix shared by variants is one step."""
+        if self._plan is not None:
+            return self._plan
+        plan = Plan(self.rows())
+        by_key: dict[str, Step] = {}
+        for row in self.variants:
+            key, prev = self.base.key, None
+            for i, stage in enumerate(self.recipe.stages(row)):
+                params = stage.params.model_dump(mode="json")
+                calib = [calibration_fingerprint(self.recipe)] if stage.uses_calibration() else []
+                key = store.content_key(key, stage.name, params, store.lib_versions(stage.libraries),
+                                        self.recipe.calibration.model_dump(), *calib)
+                if key not in by_key:
+                    by_key[key] = plan.add(Step("build", row, key, self.root / row / "stages" / f"{i:02d}-{stage.name}",
+                                                deps=(prev.id,) if prev else (), stage=i, stage_name=stage.name))
+                prev = by_key[key]
+            plan.set_artifact(row, prev)
+        if self.evaluator is None:
+            self._plan = plan
+            return plan
+        ev = self.evaluator
+        kl_ref = None
+        for row in plan.rows:
+            art_step = plan.artifact_step(row)
+            art_key = art_step.key if art_step else self.base.key
+            deps = (art_step.id,) if art_step else ()
+            for task in ev.tasks:
+                settings = ev.settings(task)
+                plan.add(Step("eval", row, store.content_key(art_key, settings), self.root / row / "eval" / task,
+                              deps=deps, task=task))
+            if not backend_for(self._row_format(row), self.recipe.eval.engine).gives_logprobs:
+                log.debug("%s: no KL (its backend gives no next-token distributions)", row)
+                continue
+            if kl_ref is None:
+                from . import divergence as dv
+
+                self.kl_texts = dv.corpus(ev.data_dir)
+                ref_key = store.content_key(self.base.key, dv.corpus_key(self.kl_texts))
+                kl_ref = plan.add(Step("kl_reference", "base", ref_key, self.root / "base" / "kl-reference"))
+            if row != "base":
+                plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key), self.root / row / "kl",
+                              deps=(*deps, kl_ref.id)))
+        self._plan = plan
+        return plan
+
+    # -- steps ------------------------------------------------------------------------------------
+    def artifact(self, row: str) -> Artifact:
+        """The row's model: the base, or the stored output of its chain's last stage."""
+        step = self.plan().artifact_step(row)
+        if step is None:
+            return self.base
+        rec, why = store.verify(step.path, step.key)
+        if rec is None:
+            raise QuantpipeError(f"{row}: its artifact at {step.path} is not built ({why})")
+        return Artifact(rec.path, rec.meta["format"], rec.key, rec.meta.get("bits"), rec.meta.get("meta") or {})
+
+    def run_step(self, step: Step, models: ModelSlot) -> bool:
+        """Run one step (or reuse its stored result); True when it was reused."""
+        if step.kind == "build":
+            return self._build(step)
+        if step.kind == "eval":
+            return self._evaluate(step, models)
+        if step.kind == "kl_reference":
+            return self._kl_reference(step, models)
+        return self._kl(step, models)
+
+    def _input_artifact(self, step: Step) -> Artifact:
+        if not step.deps:
+            return self.base
+        dep = next(s for s in self.plan().steps if s.id == step.deps[0])
+        rec, why = store.verify(dep.path, dep.key)
+        if rec is None:
+            raise QuantpipeError(f"{step.id}: its input {dep.path} is not built ({why})")
+        return Artifact(rec.path, rec.meta["format"], rec.key, rec.meta.get("bits"), rec.meta.get("meta") or {})
+
+    def _build(self, step: Step) -> bool:
+        stage = self.recipe.stages(step.row)[step.stage]
+
+        def compute(tmp: Path) -> dict:
+            inp = self._input_artifact(step)
+            ctx = StageContext(self.calibration, self.recipe.calibration.seq_len, self.recipe.calibration.seed)
+            out = stage.run(inp, tmp, ctx)
+            chain = [{"stage": s.name, "params": s.params.model_dump(mode="json")}
+                     for s in self.recipe.stages(step.row)[: step.stage + 1]]
+            return {"format": out.format, "bits": out.bits, "meta": out.meta, "chain": chain, "input_key": inp.key,
+                    "versions": store.lib_versions(stage.libraries)}
+
+        return store.cached(step.path, step.key, compute, step.id)[1]
+
+    def _evaluate(self, step: Step, models: ModelSlot) -> bool:
+        from .memory import PeakMemory
+
+        def compute(tmp: Path) -> dict:
+            loaded = models.get(step.row)
+            with PeakMemory() as peak:
+                record, samples = self.evaluator.run(loaded, step.task)
+            (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+            return {**record, "settings": self.evaluator.settings(step.task), "n_items": len(samples),
+                    "peak_memory_bytes": peak.bytes}
+
+        return store.cached(step.path, step.key, compute, step.id)[1]
+
+    def _kl_reference(self, step: Step, models: ModelSlot) -> bool:
+        from . import divergence as dv
+
+        def compute(tmp: Path) -> dict:
+            loaded = models.get("base")
+            dv.save_reference(dv.base_reference(loaded, loaded.lm.tokenizer, self.kl_texts), tmp / "reference.npz")
+            return {"top_k": dv.TOP_K, "sets": sorted(self.kl_texts)}
+
+        return store.cached(step.path, step.key, compute, step.id)[1]
+
+    def _kl(self, step: Step, models: ModelSlot) -> bool:
+        from . import divergence as dv
+
+        ref = next(s for s in self.plan().steps if s.kind == "kl_reference")
+
+        def compute(tmp: Path) -> dict:
+            rec, why = store.verify(ref.path, ref.key)
+            if rec is None:
+                raise QuantpipeError(f"the base's KL reference at {ref.path} is not computed ({why})")
+            return {"top_k": dv.TOP_K, "sets": dv.compare(models.get(step.row), dv.load_reference(rec.path / "reference.npz"))}
+
+        return store.cached(step.path, step.key, compute, step.id)[1]
+
+    # -- a run: start (setup + the run's index), steps, finish (report) ----------------------------
+    def start(self) -> Plan:
+        store.clean_stale_tmp(self.root)
+        self.prepare()
+        plan = self.plan()
+        store.atomic_write_json(self.root / "recipe.json", {
+            **self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)})
+        # the run's index: which records make up its table (the table never reads anything else)
+        store.atomic_write_json(self.root / "plan.json", {**plan.to_dict(), "base": {
+            "model": self.recipe.model.id, "dtype": self.recipe.model.dtype, "path": str(self.base.path),
+            "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
+            "n_params": count_parameters(self.base_dir) if self.base_dir else None}})
+        return plan
+
+    def record_outcome(self, row: str, error: BaseException | None, tb: str = "") -> None:
+        """A failed row keeps <row>/error.json (shown in the table); a finished one loses it."""
+        err_path = self.root / row / "error.json"
+        if error is None:
+            err_path.unlink(missing_ok=True)
+            return
+        msg = f"{type(error).__name__}: {error}"
+        log.error("%s: FAILED: %s", row, msg)
+        try:
+            store.atomic_write_json(err_path, {"error": msg, "traceback": tb or traceback.format_exc()})
+        except OSError as e:  # e.g. a full disk: the failure is still reported above
+            log.error("%s: could not record the failure in %s: %s", row, err_path, e)
+
+    def finish(self) -> Path:
+        from .report import write_report
+
+        shutil.rmtree(self.workdir / "datasets-cache", ignore_errors=True)
+        return write_report(self.root)
+
+
+class Progress:
+    """One line per step: position, what, seconds, and an ETA from the measured cost of this run's
+    computed steps of the same kind (per task for evaluations)."""
+
+    def __init__(self, steps: list[Step]):
+        self.total, self.done, self.cost = len(steps), 0, {}
+        self.remaining = list(steps)
+
+    @staticmethod
+    def _kind(step: Step) -> str:
+        return f"{step.kind}:{step.task or step.stage_name or ''}"
+
+    def finished(self, step: Step, seconds: float, reused: bool, failed: bool = False) -> None:
+        self.done += 1
+        self.remaining.remove(step)
+        if not reused and not failed:
+            self.cost.setdefault(self._kind(step), []).append(seconds)
+        known = [sum(v) / len(v) for s in self.remaining if (v := self.cost.get(self._kind(s)))]
+        eta = f", ETA {_duration(sum(known))}" if known and len(known) == len(self.remaining) else ""
+        what = "FAILED" if failed else ("reused" if reused else f"{seconds:.1f} s")
+        width = len(str(self.total))
+        log.info("[%*d/%d] %s: %s%s", width, self.done, self.total, step.id, what, eta)
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
+
+
+def timed(fn, *args) -> tuple[object, float]:
+    t0 = time.time()
+    out = fn(*args)
+    return out, time.time() - t0
