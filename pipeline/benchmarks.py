@@ -41,11 +41,18 @@ class Task:
 MMLU_DATA = Dataset("cais/mmlu", "mmlu", None, aliases=("hendrycks_test",))
 MMLU_REDUX = Dataset("edinburgh-dawg/mmlu-redux", "mmlu_redux", None, aliases=("edinburgh-dawg/mmlu-redux-2.0",))
 GSM8K_DATA = Dataset("openai/gsm8k", "gsm8k", {"main": {"train": "train.jsonl", "test": "test.jsonl"}}, aliases=("gsm8k",))
-HUMANEVAL_DATA = Dataset("openai/openai_humaneval", "humaneval", {"openai_humaneval": {"test": "test.jsonl"}},
-                         aliases=("openai_humaneval",))
-TRUTHFULQA_DATA = Dataset("truthfulqa/truthful_qa", "truthfulqa", {
-    "generation": {"validation": "generation/validation.jsonl"},
-    "multiple_choice": {"validation": "multiple_choice/validation.jsonl"}}, aliases=("truthful_qa",))
+HUMANEVAL_DATA = Dataset(
+    "openai/openai_humaneval", "humaneval", {"openai_humaneval": {"test": "test.jsonl"}}, aliases=("openai_humaneval",)
+)
+TRUTHFULQA_DATA = Dataset(
+    "truthfulqa/truthful_qa",
+    "truthfulqa",
+    {
+        "generation": {"validation": "generation/validation.jsonl"},
+        "multiple_choice": {"validation": "multiple_choice/validation.jsonl"},
+    },
+    aliases=("truthful_qa",),
+)
 
 # Datasets mirrored from --data-dir (MMLU-Redux is not evaluated, only kept out of calibration).
 MIRRORED = (MMLU_DATA, GSM8K_DATA, HUMANEVAL_DATA, TRUTHFULQA_DATA)
@@ -54,17 +61,38 @@ EVALUATION_DATA = (*MIRRORED, MMLU_REDUX)
 _TQA = ("truthfulqa/truthfulqa_mc1.yaml", "truthfulqa/utils.py")
 
 # In the Section 7 column order.
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("mmlu", MMLU_DATA, ("mmlu/default/*.yaml", "mmlu/default/_default_template_yaml"),
-         Column("MMLU", "acc", "none", "acc"), group=True),
-    Task("humaneval", HUMANEVAL_DATA, ("humaneval/humaneval.yaml",),
-         Column("HumanEval", "pass@1", "create_test", "pass@1 (greedy)"), runs_code=True),
-    Task("gsm8k", GSM8K_DATA, ("gsm8k/gsm8k.yaml",), Column("GSM8K", "exact_match", "flexible-extract",
-                                                            "exact match, flexible-extract")),
-    Task("truthfulqa_mc1", TRUTHFULQA_DATA, _TQA),
-    Task("truthfulqa_mc2", TRUTHFULQA_DATA, (*_TQA[:1], "truthfulqa/truthfulqa_mc2.yaml", _TQA[1]),
-         Column("TruthfulQA", "acc", "none", "MC2")),
-)}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "mmlu",
+            MMLU_DATA,
+            ("mmlu/default/*.yaml", "mmlu/default/_default_template_yaml"),
+            Column("MMLU", "acc", "none", "acc"),
+            group=True,
+        ),
+        Task(
+            "humaneval",
+            HUMANEVAL_DATA,
+            ("humaneval/humaneval.yaml",),
+            Column("HumanEval", "pass@1", "create_test", "pass@1 (greedy)"),
+            runs_code=True,
+        ),
+        Task(
+            "gsm8k",
+            GSM8K_DATA,
+            ("gsm8k/gsm8k.yaml",),
+            Column("GSM8K", "exact_match", "flexible-extract", "exact match, flexible-extract"),
+        ),
+        Task("truthfulqa_mc1", TRUTHFULQA_DATA, _TQA),
+        Task(
+            "truthfulqa_mc2",
+            TRUTHFULQA_DATA,
+            (*_TQA[:1], "truthfulqa/truthfulqa_mc2.yaml", _TQA[1]),
+            Column("TruthfulQA", "acc", "none", "MC2"),
+        ),
+    )
+}
 
 COLUMNS: tuple[Task, ...] = tuple(t for t in TASKS.values() if t.column)
 

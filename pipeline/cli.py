@@ -31,8 +31,15 @@ def _jobs(a):
             recipe.offline = True
         if getattr(a, "engine", None):
             recipe.eval.engine = a.engine
-        jobs.append(Job(recipe, Path(a.artifacts), getattr(a, "allow_code_execution", False),
-                        Path(a.data_dir) if getattr(a, "data_dir", None) else None, a.variant))
+        jobs.append(
+            Job(
+                recipe,
+                Path(a.artifacts),
+                getattr(a, "allow_code_execution", False),
+                Path(a.data_dir) if getattr(a, "data_dir", None) else None,
+                a.variant,
+            )
+        )
     if a.variant and len(jobs) > 1:
         raise QuantpipeError("--variant names variants of one recipe; pass a single recipe with it")
     if len({j.recipe.name for j in jobs}) < len(jobs):
@@ -120,9 +127,18 @@ def _gate(a) -> int:
     if cfg is None:
         stored = (read_json(root / "recipe.json") or {}).get("gate")
         cfg = GateConfig.model_validate(stored) if stored else None
-    merged = (cfg.model_dump() if cfg else {}) | {k: v for k, v in {
-        "max_avg_drop": a.max_avg_drop, "min_recovery": a.min_recovery, "max_kl": a.max_kl, "alpha": a.alpha,
-        "point_estimate": a.point_estimate or None, "variants": a.variant}.items() if v is not None}
+    merged = (cfg.model_dump() if cfg else {}) | {
+        k: v
+        for k, v in {
+            "max_avg_drop": a.max_avg_drop,
+            "min_recovery": a.min_recovery,
+            "max_kl": a.max_kl,
+            "alpha": a.alpha,
+            "point_estimate": a.point_estimate or None,
+            "variants": a.variant,
+        }.items()
+        if v is not None
+    }
     for item in a.max_drop or []:
         bench, _, value = item.partition("=")
         try:
@@ -183,8 +199,9 @@ def _backends(a) -> int:
 
     for name, ep in sorted(available_backends().items()):
         cls = _load_class(ep)
-        results().write(f"{name:12s} engine {cls.engine:8s} formats {', '.join(cls.formats):28s} {ep.value}  "
-                        f"({ep.dist.name if ep.dist else '?'})\n")
+        results().write(
+            f"{name:12s} engine {cls.engine:8s} formats {', '.join(cls.formats):28s} {ep.value}  ({ep.dist.name if ep.dist else '?'})\n"
+        )
     return 0
 
 
@@ -216,13 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = cmd("run", _run, "quantize every variant, evaluate, write the table")
     recipe_args(r, many=True)
-    r.add_argument("--allow-code-execution", action="store_true",
-                   help="opt in to running model-written code (HumanEval), sandboxed")
+    r.add_argument("--allow-code-execution", action="store_true", help="opt in to running model-written code (HumanEval), sandboxed")
     r.add_argument("--data-dir", help="local dataset copies (overrides the recipe's eval.data_dir)")
-    r.add_argument("--engine", choices=["default", "vllm"],
-                   help="evaluation engine (overrides the recipe's eval.engine); vllm needs a CUDA GPU")
-    r.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: this process (default); ray: one task per plan step")
+    r.add_argument(
+        "--engine",
+        choices=["default", "vllm"],
+        help="evaluation engine (overrides the recipe's eval.engine); vllm needs a CUDA GPU",
+    )
+    r.add_argument(
+        "--executor", choices=["local", "ray"], default="local", help="local: this process (default); ray: one task per plan step"
+    )
     r.add_argument("--ray-address", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto); default: start one here")
 
     b = cmd("build", _build, "build the variants' artifacts only; print variant, format, path")
@@ -232,8 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = cmd("table", _table, "rebuild and print the table from stored results")
     t.add_argument("run_dir")
     t.add_argument("--format", choices=["md", "csv", "json"], default="md")
-    t.add_argument("--layout", choices=["methods", "section7"], default="methods",
-                   help="section7: benchmarks as rows, methods as columns, Average Drop last")
+    t.add_argument(
+        "--layout",
+        choices=["methods", "section7"],
+        default="methods",
+        help="section7: benchmarks as rows, methods as columns, Average Drop last",
+    )
     t.add_argument("--wait", action="store_true", help="wait for a run in progress instead of refusing")
 
     g = cmd("gate", _gate, "deploy decision from a run's table: exit 0 pass, 1 fail, 2 error/undecided")

@@ -78,9 +78,7 @@ def sandbox_description() -> str:
 def run_program(source: str, timeout: float = 10.0, mem_bytes: int = 1 << 30) -> bool:
     """True when the program exits 0 within the limits. Never raises for program behaviour."""
     if os.environ.get(OPT_IN_ENV) != "1":
-        raise CodeExecutionNotAllowed(
-            f"executing model-written code needs an explicit opt-in (--allow-code-execution, or {OPT_IN_ENV}=1)"
-        )
+        raise CodeExecutionNotAllowed(f"executing model-written code needs an explicit opt-in (--allow-code-execution, or {OPT_IN_ENV}=1)")
     with tempfile.TemporaryDirectory(prefix="qp-sandbox-") as workdir:
         prog = os.path.join(workdir, "program.py")
         with open(prog, "w") as f:
@@ -92,9 +90,14 @@ def run_program(source: str, timeout: float = 10.0, mem_bytes: int = 1 << 30) ->
         cmd = [*prefix, python, "-I", "-B", prog]
         try:
             proc = subprocess.Popen(
-                cmd, cwd=workdir, env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=lambda: _limits(int(timeout) + 1, mem_bytes),
+                cmd,
+                cwd=workdir,
+                env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=lambda: _limits(int(timeout) + 1, mem_bytes),
             )
         except OSError:
             return False

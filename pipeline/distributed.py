@@ -33,11 +33,16 @@ FORWARDED_ENV = ("QUANTPIPE_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TQDM_")
 
 def job_spec(job: Job) -> str:
     """Everything a worker needs to rebuild the driver's Job, as JSON."""
-    return json.dumps({
-        "recipe": job.recipe.model_dump(mode="json"), "source": str(job.recipe.source) if job.recipe.source else None,
-        "artifacts_root": str(job.root.parent), "allow_code": job.allow_code, "variants": job.variants,
-        "data_dir": str(job.evaluator.data_dir) if job.evaluator.data_dir else None,
-    })
+    return json.dumps(
+        {
+            "recipe": job.recipe.model_dump(mode="json"),
+            "source": str(job.recipe.source) if job.recipe.source else None,
+            "artifacts_root": str(job.root.parent),
+            "allow_code": job.allow_code,
+            "variants": job.variants,
+            "data_dir": str(job.evaluator.data_dir) if job.evaluator.data_dir else None,
+        }
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -48,8 +53,14 @@ def worker_job(spec: str) -> Job:
     d = json.loads(spec)
     recipe = parse_recipe(d["recipe"], Path(d["source"]) if d["source"] else None)
     root = Path(d["artifacts_root"])
-    job = Job(recipe, root, d["allow_code"], Path(d["data_dir"]) if d["data_dir"] else None, d["variants"],
-              workdir=root / recipe.name / ".work" / f"worker-{os.getpid()}")
+    job = Job(
+        recipe,
+        root,
+        d["allow_code"],
+        Path(d["data_dir"]) if d["data_dir"] else None,
+        d["variants"],
+        workdir=root / recipe.name / ".work" / f"worker-{os.getpid()}",
+    )
     job.prepare()
     return job
 

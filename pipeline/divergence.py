@@ -24,8 +24,24 @@ from .calibration import stdlib_docstrings
 TOP_K = 64
 CHUNK = 256  # tokens per window
 # Disjoint from calibration._DOC_MODULES: KL is not measured on what the quantizers calibrated on.
-_KL_MODULES = ("difflib", "heapq", "bisect", "random", "shutil", "tempfile", "inspect", "doctest",
-               "pickle", "enum", "dataclasses", "contextlib", "operator", "codecs", "gzip", "hashlib")
+_KL_MODULES = (
+    "difflib",
+    "heapq",
+    "bisect",
+    "random",
+    "shutil",
+    "tempfile",
+    "inspect",
+    "doctest",
+    "pickle",
+    "enum",
+    "dataclasses",
+    "contextlib",
+    "operator",
+    "codecs",
+    "gzip",
+    "hashlib",
+)
 
 
 def corpus(data_dir: Path | None, max_docs: int = 32) -> dict[str, str]:
@@ -42,7 +58,7 @@ def corpus(data_dir: Path | None, max_docs: int = 32) -> dict[str, str]:
 
 def windows(tokenizer, text: str, max_tokens: int = 2048) -> list[list[int]]:
     ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
-    return [ids[i:i + CHUNK] for i in range(0, len(ids) - 1, CHUNK) if len(ids[i:i + CHUNK]) > 1]
+    return [ids[i : i + CHUNK] for i in range(0, len(ids) - 1, CHUNK) if len(ids[i : i + CHUNK]) > 1]
 
 
 def corpus_key(texts: dict[str, str]) -> str:
@@ -85,10 +101,15 @@ def save_reference(ref: dict, path: Path) -> None:
 def load_reference(path: Path) -> dict:
     z = np.load(path)
     meta = json.loads(str(z["windows"]))
-    return {name: {"windows": wins,
-                   "top_idx": [z[f"{name}/{i}/idx"] for i in range(len(wins))],
-                   "top_lp": [z[f"{name}/{i}/lp"] for i in range(len(wins))],
-                   "target_lp": [z[f"{name}/{i}/tgt"] for i in range(len(wins))]} for name, wins in meta.items()}
+    return {
+        name: {
+            "windows": wins,
+            "top_idx": [z[f"{name}/{i}/idx"] for i in range(len(wins))],
+            "top_lp": [z[f"{name}/{i}/lp"] for i in range(len(wins))],
+            "target_lp": [z[f"{name}/{i}/tgt"] for i in range(len(wins))],
+        }
+        for name, wins in meta.items()
+    }
 
 
 def compare(loaded, ref: dict) -> dict:
@@ -113,9 +134,14 @@ def compare(loaded, ref: dict) -> dict:
         kls, agree = np.concatenate(kls), np.concatenate(agree)
         nb, nv = np.concatenate(nll_b), np.concatenate(nll_v)
         out[name] = {
-            "tokens": int(len(kls)), "mean_kl": float(kls.mean()), "kl_p99": float(np.percentile(kls, 99)),
-            "top1_agreement": float(agree.mean()), "ppl_base": float(np.exp(nb.mean())), "ppl": float(np.exp(nv.mean())),
-            "ppl_ratio": float(np.exp(nv.mean() - nb.mean())), "base_topk_mass": float(np.concatenate(mass).mean()),
+            "tokens": int(len(kls)),
+            "mean_kl": float(kls.mean()),
+            "kl_p99": float(np.percentile(kls, 99)),
+            "top1_agreement": float(agree.mean()),
+            "ppl_base": float(np.exp(nb.mean())),
+            "ppl": float(np.exp(nv.mean())),
+            "ppl_ratio": float(np.exp(nv.mean() - nb.mean())),
+            "base_topk_mass": float(np.concatenate(mass).mean()),
             "window_kl": window_kl,
         }
     return out

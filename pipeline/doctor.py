@@ -45,7 +45,9 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
         import torch
 
         gpu = torch.cuda.is_available()
-        out.append(Finding(True, f"accelerator: {torch.cuda.get_device_name(0) if gpu else 'none (CPU only: FP8/INT4 rows are dequantized)'}"))
+        out.append(
+            Finding(True, f"accelerator: {torch.cuda.get_device_name(0) if gpu else 'none (CPU only: FP8/INT4 rows are dequantized)'}")
+        )
     except ImportError:
         pass
     recipe = None
@@ -70,14 +72,23 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
             from .offline_data import required_files
 
             missing = [str(f.relative_to(d)) for f in required_files(d) if not f.is_file()]
-            out.append(Finding(not missing, f"data dir {d}: " + (f"missing {', '.join(missing)}" if missing else "all files present"),
-                               "point eval.data_dir / --data-dir at a folder laid out like ../shared/data" if missing else ""))
+            out.append(
+                Finding(
+                    not missing,
+                    f"data dir {d}: " + (f"missing {', '.join(missing)}" if missing else "all files present"),
+                    "point eval.data_dir / --data-dir at a folder laid out like ../shared/data" if missing else "",
+                )
+            )
         if "humaneval" in tasks:
             from .code_exec import sandbox_description
 
-            out.append(Finding(allow_code_execution, "HumanEval executes model-written code: " +
-                               ("opt-in given" if allow_code_execution else "no opt-in"),
-                               "" if allow_code_execution else "pass --allow-code-execution, or drop humaneval from eval.tasks"))
+            out.append(
+                Finding(
+                    allow_code_execution,
+                    "HumanEval executes model-written code: " + ("opt-in given" if allow_code_execution else "no opt-in"),
+                    "" if allow_code_execution else "pass --allow-code-execution, or drop humaneval from eval.tasks",
+                )
+            )
             out.append(Finding(True, f"sandbox: {sandbox_description()}"))
         from .models import builtin_path, model_info, resolve_model
 
@@ -96,6 +107,11 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
         need = base_bytes * (len(recipe.variants) + 1)
         artifacts.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(artifacts).free
-        out.append(Finding(free > need, f"disk: {free / 2**30:.1f} GiB free at {artifacts}, recipe needs up to ~{need / 2**30:.1f} GiB",
-                           "free disk space or pass --artifacts elsewhere" if free <= need else ""))
+        out.append(
+            Finding(
+                free > need,
+                f"disk: {free / 2**30:.1f} GiB free at {artifacts}, recipe needs up to ~{need / 2**30:.1f} GiB",
+                "free disk space or pass --artifacts elsewhere" if free <= need else "",
+            )
+        )
     return out

@@ -41,5 +41,3 @@ def fmt_bytes(n: int | None) -> str:
     if not n:
         return "–"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-

@@ -5,10 +5,10 @@ pass only when the upper confidence bound of the drop (base − variant, paired 
 is below m; fail when the lower bound is above m; otherwise undecided, with the number of further
 items the observed variance suggests. The bounds are anytime-valid confidence sequences
 (pipeline.sequential), so looking after every round of a sequential run does not inflate the
-error; the family-wise error across a variant's checks is held at `alpha` (Bonferroni: each of
-the k checks runs at alpha / k). `min_recovery` is the same test on variant − r·base; `max_kl`
-uses a bootstrap interval over the KL text's windows; `max_avg_drop` bounds the average relative
-drop with the benchmarks' (simultaneous) bounds. `point_estimate: true` decides on point
+error; the family-wise error across a variant's checks is held at `alpha` (Holm over anytime-valid
+p-values). `min_recovery` is the same test on variant − r·base; `max_kl` uses a bootstrap interval
+over the KL text's windows; `max_avg_drop` bounds the average relative drop with the benchmarks'
+own bounds. `point_estimate: true` decides on point
 estimates instead, and every such check says it is not a test.
 
 A missing row, benchmark or KL, a failed row, a NaN, or a malformed table is an *error* (exit 2),
@@ -17,6 +17,7 @@ never a pass. Exit codes: 0 every checked variant passes, 1 some variant fails, 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from xml.etree import ElementTree as ET
@@ -55,114 +56,104 @@ class Verdict:
         return {"status": self.status, "exit_code": self.exit_code, "checks": [asdict(c) for c in self.checks]}
 
 
-def paired_drops(base: Cell, variant: Cell) -> np.ndarray:
-    """base − variant per item, in the base's evaluation order, on the items both have."""
-    return np.array([base.items[k] - variant.items[k] for k in base.items if k in variant.items], dtype=float)
-
-
-def _planned(row: Row, base: Row, cfg: GateConfig) -> list[tuple[str, str]]:
-    """(kind, column) of every check this variant gets: the Bonferroni family."""
-    cols = list(dict.fromkeys([*base.cells, *row.cells]))
-    out = [("drop", c) for c in cols if cfg.limit(c) is not None]
-    if "default" not in cfg.max_drop:  # a named benchmark the table lacks is still a check (an error)
-        out += [("drop", c) for c in cfg.max_drop if c not in cols]
-    if cfg.min_recovery is not None:
-        out += [("recovery", c) for c in cols]
-    if cfg.max_kl is not None:
-        out.append(("kl", "docs"))
-    if cfg.max_avg_drop is not None:
-        out.append(("average", ""))
-    return out
-
-
-def _decision_check(variant: str, name: str, d: sq.CheckDecision, scale: float, unit: str) -> Check:
-    lo, hi = d.lo * scale, d.hi * scale
-    msg = {"pass": f"{unit} {d.drop * scale:.2f}, upper bound {hi:.2f} < {d.margin * scale:g}",
-           "fail": f"{unit} {d.drop * scale:.2f}, lower bound {lo:.2f} > {d.margin * scale:g}",
-           "undecided": f"{unit} {d.drop * scale:.2f}, interval [{lo:.2f}, {hi:.2f}] contains {d.margin * scale:g} after "
-                        f"{d.n} items" + (f"; about {d.more_items} more items would decide" if d.more_items else "")}[d.status]
-    return Check(variant, name, d.status, round(d.drop * scale, 4), d.margin * scale, (round(lo, 4), round(hi, 4)), d.n,
-                 d.alpha, d.more_items, msg)
-
-
-def _point(variant: str, name: str, observed: float, threshold: float, worse_if_above: bool, n: int | None) -> Check:
-    bad = observed > threshold if worse_if_above else observed < threshold
-    msg = f"point estimate {observed:.3f} vs {threshold:g} (point-estimate mode: not a statistical test)"
-    return Check(variant, name, "fail" if bad else "pass", round(observed, 4), threshold, n=n, message=msg)
-
-
 def _error(variant: str, name: str, message: str) -> Check:
     return Check(variant, name, "error", message=message)
 
 
-def _drop_check(variant: str, col: str, base: Row, row: Row, cfg: GateConfig, alpha: float) -> tuple[Check, sq.CheckDecision | None]:
-    if col not in base.cells:
-        return _error(variant, col, f"the base has no {col} results"), None
-    if col not in row.cells:
-        return _error(variant, col, f"no {col} results for this variant"), None
-    d = paired_drops(base.cells[col], row.cells[col])
-    if not len(d) or not np.isfinite(d).all():
-        return _error(variant, col, f"{col}: no paired items, or a non-finite score"), None
-    margin = cfg.limit(col) / 100
-    if cfg.point_estimate:
-        return _point(variant, col, 100 * d.mean(), 100 * margin, True, len(d)), None
-    dec = sq.decide_drop(d, margin, alpha, looks=row.cells[col].looks or None)
-    return _decision_check(variant, col, dec, 100, "drop (pts)"), dec
+def _from_decision(variant: str, name: str, d: sq.CheckDecision, scale: float) -> Check:
+    return Check(
+        variant,
+        name,
+        d.status,
+        round(d.estimate * scale, 4),
+        round(d.threshold * scale, 4),
+        (round(d.lo * scale, 4), round(d.hi * scale, 4)),
+        d.n,
+        d.alpha,
+        d.more_items,
+        d.reason + ("" if d.is_test else " (point estimate: not a statistical test)"),
+    )
 
 
-def _recovery_check(variant: str, col: str, base: Row, row: Row, cfg: GateConfig, alpha: float) -> Check:
-    name = f"{col} recovery"
-    if col not in base.cells or col not in row.cells:
-        return _error(variant, name, f"{col} is missing for the base or this variant")
-    b, v = base.cells[col], row.cells[col]
-    keys = [k for k in b.items if k in v.items]
-    bb, vv = np.array([b.items[k] for k in keys]), np.array([v.items[k] for k in keys])
-    if not len(keys) or not (np.isfinite(bb).all() and np.isfinite(vv).all()):
-        return _error(variant, name, f"{col}: no paired items, or a non-finite score")
-    r = cfg.min_recovery / 100
-    if cfg.point_estimate:
-        return _point(variant, name, 100 * vv.mean() / max(bb.mean(), 1e-12), cfg.min_recovery, False, len(keys))
-    dec = sq.decide_recovery(bb, vv, r, alpha, looks=v.looks or None)
-    # decide_recovery tests mean(v − r·b) >= 0: pass when its lower bound is above 0
-    msg = {"pass": f"recovers {100 * dec.drop:.1f}% of the base; the data show it is at least {cfg.min_recovery:g}%",
-           "fail": f"recovers {100 * dec.drop:.1f}% of the base; the data show it is below {cfg.min_recovery:g}%",
-           "undecided": f"recovers {100 * dec.drop:.1f}% of the base; not yet distinguishable from {cfg.min_recovery:g}% "
-                        f"after {dec.n} items" + (f"; about {dec.more_items} more items would decide" if dec.more_items else "")}
-    return Check(variant, name, dec.status, round(100 * dec.drop, 3), cfg.min_recovery,
-                 (round(100 * dec.lo, 3), round(100 * dec.hi, 3)), dec.n, dec.alpha, dec.more_items, msg[dec.status])
+def _paired(base: Cell, variant: Cell) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Paired scores on the items both rows have, and the looks (items done at each round's end).
+    Within a round the items are put in a fixed pseudo-random order (a hash of the item key): the
+    confidence sequence assumes exchangeable arrivals, and a task's file order (first-N runs:
+    MMLU by subject, items by difficulty) need not be; the order never depends on the scores."""
+    bounds = variant.looks or [len(variant.items)]
+    keys = list(variant.items)
+    order, looks, start = [], [], 0
+    for end in bounds:
+        block = [k for k in keys[start:end] if k in base.items]
+        order += sorted(block, key=lambda k: hashlib.sha256(k.encode()).digest())
+        looks.append(len(order))
+        start = end
+    b = np.array([base.items[k] for k in order], dtype=float)
+    return b, np.array([variant.items[k] for k in order], dtype=float), [n for n in looks if n]
 
 
-def _kl_check(variant: str, row: Row, cfg: GateConfig, alpha: float) -> Check:
-    d = row.divergence.get("docs")
-    if d is None:
-        return _error(variant, "KL", "no KL measured for this row")
-    if not math.isfinite(d.mean_kl):
-        return _error(variant, "KL", "KL is not a finite number")
-    if cfg.point_estimate or len(d.window_kl) < 2:
-        if not cfg.point_estimate:
-            return _error(variant, "KL", "too few KL windows for an interval; re-run to recompute the row's KL")
-        return _point(variant, "KL", d.mean_kl, cfg.max_kl, True, d.tokens)
-    lo, hi = sq.kl_interval(np.array(d.window_kl), alpha)
-    status = "pass" if hi < cfg.max_kl else "fail" if lo > cfg.max_kl else "undecided"
-    msg = f"mean KL {d.mean_kl:.4f} nats, {100 * (1 - alpha):.1f}% bootstrap interval [{lo:.4f}, {hi:.4f}] vs {cfg.max_kl:g}"
-    return Check(variant, "KL", status, round(d.mean_kl, 5), cfg.max_kl, (round(lo, 5), round(hi, 5)), d.tokens, alpha,
-                 message=msg)
+def _family(name: str, base: Row, row: Row, cfg: GateConfig) -> tuple[dict[str, object], dict[str, float], list[Check]]:
+    """The variant's checks as the statistics module takes them (one family: its error is held at
+    alpha across them), their display scales, and the checks that are errors before any test."""
+    family, scale, errors = {}, {}, []
+    cols = list(dict.fromkeys([*base.cells, *row.cells, *(c for c in cfg.max_drop if c != "default")]))
+    for col in cols:
+        wants = [(col, cfg.limit(col))] if cfg.limit(col) is not None else []
+        if cfg.min_recovery is not None and (col in base.cells or col in row.cells):
+            wants.append((f"{col} recovery", cfg.min_recovery))
+        for check, threshold in wants:
+            if col not in base.cells or col not in row.cells:
+                who = "the base" if col not in base.cells else "this variant"
+                errors.append(_error(name, check, f"no {col} results for {who}"))
+                continue
+            b, v, looks = _paired(base.cells[col], row.cells[col])
+            if not len(b) or not (np.isfinite(b).all() and np.isfinite(v).all()):
+                errors.append(_error(name, check, f"{col}: no paired items, or a non-finite score"))
+                continue
+            if check == col:
+                family[check], scale[check] = sq.DropCheck(b - v, threshold / 100, looks), 100
+            else:
+                family[check], scale[check] = sq.RecoveryCheck(b, v, threshold / 100, looks), 100
+    if cfg.max_kl is not None:
+        d = row.divergence.get("docs")
+        if d is None or not math.isfinite(d.mean_kl):
+            errors.append(_error(name, "KL", "no KL measured for this row"))
+        elif len(d.window_kl) < 2:
+            errors.append(_error(name, "KL", "too few KL windows for an interval; re-run to recompute the row's KL"))
+        else:
+            family["KL"], scale["KL"] = sq.KLCheck(np.array(d.window_kl), cfg.max_kl), 1
+    return family, scale, errors
 
 
-def _average_check(variant: str, base: Row, decisions: dict[str, sq.CheckDecision], row: Row, cfg: GateConfig) -> Check:
-    """Average relative drop over the benchmarks, bounded with their simultaneous drop bounds."""
-    if row.avg_drop_pct is None:
-        return _error(variant, "average", "no benchmark to average")
-    if cfg.point_estimate:
-        return _point(variant, "average", row.avg_drop_pct, cfg.max_avg_drop, True, None)
+def _average(name: str, base: Row, row: Row, cfg: GateConfig, drops: dict[str, sq.CheckDecision]) -> Check:
+    """Average relative drop over the benchmarks, bounded by the benchmarks' own (corrected) bounds."""
     cols = [c for c in row.cells if c in base.cells and base.cells[c].score > 0]
-    if any(c not in decisions for c in cols):
-        return _error(variant, "average", "the average needs a max_drop margin (e.g. default) on every benchmark")
-    lo = sum(100 * decisions[c].lo / base.cells[c].score for c in cols) / len(cols)
-    hi = sum(100 * decisions[c].hi / base.cells[c].score for c in cols) / len(cols)
+    if row.avg_drop_pct is None or not cols:
+        return _error(name, "average", "no benchmark to average")
+    if cfg.point_estimate:
+        bad = row.avg_drop_pct > cfg.max_avg_drop
+        return Check(
+            name,
+            "average",
+            "fail" if bad else "pass",
+            round(row.avg_drop_pct, 3),
+            cfg.max_avg_drop,
+            message=f"average relative drop {row.avg_drop_pct:.2f}% vs {cfg.max_avg_drop:g}% (point estimate: not a statistical test)",
+        )
+    if any(c not in drops for c in cols):
+        return _error(name, "average", "the average needs a max_drop margin (e.g. default) on every benchmark")
+    lo = sum(100 * drops[c].lo / base.cells[c].score for c in cols) / len(cols)
+    hi = sum(100 * drops[c].hi / base.cells[c].score for c in cols) / len(cols)
     status = "pass" if hi < cfg.max_avg_drop else "fail" if lo > cfg.max_avg_drop else "undecided"
-    return Check(variant, "average", status, round(row.avg_drop_pct, 3), cfg.max_avg_drop, (round(lo, 3), round(hi, 3)),
-                 message=f"average relative drop {row.avg_drop_pct:.2f}%, bounds [{lo:.2f}, {hi:.2f}] vs {cfg.max_avg_drop:g}%")
+    return Check(
+        name,
+        "average",
+        status,
+        round(row.avg_drop_pct, 3),
+        cfg.max_avg_drop,
+        (round(lo, 3), round(hi, 3)),
+        message=f"average relative drop {row.avg_drop_pct:.2f}%, bounds [{lo:.2f}, {hi:.2f}] vs {cfg.max_avg_drop:g}%",
+    )
 
 
 def evaluate_gate(t: Table, cfg: GateConfig) -> Verdict:
@@ -181,21 +172,16 @@ def evaluate_gate(t: Table, cfg: GateConfig) -> Verdict:
             continue
         if row.error:
             checks.append(_error(name, "build", row.error))
-        planned = _planned(row, base, cfg)
-        alpha = cfg.alpha / max(1, len(planned))
-        decisions: dict[str, sq.CheckDecision] = {}
-        for kind, col in planned:
-            if kind == "drop":
-                c, dec = _drop_check(name, col, base, row, cfg, alpha)
-                if dec is not None:
-                    decisions[col] = dec
-                checks.append(c)
-            elif kind == "recovery":
-                checks.append(_recovery_check(name, col, base, row, cfg, alpha))
-            elif kind == "kl":
-                checks.append(_kl_check(name, row, cfg, alpha))
-            else:
-                checks.append(_average_check(name, base, decisions, row, cfg))
+        family, scale, errors = _family(name, base, row, cfg)
+        if cfg.point_estimate:
+            decided = {k: sq.point_estimate(c.d, c.margin) for k, c in family.items() if isinstance(c, sq.DropCheck)}
+            errors += [_error(name, k, "point-estimate mode covers max_drop and max_avg_drop only") for k in family if k not in decided]
+        else:
+            decided = sq.decide_family(family, cfg.alpha) if family else {}
+        checks += [_from_decision(name, k, d, scale[k]) for k, d in decided.items()] + errors
+        if cfg.max_avg_drop is not None:
+            drops = {k: d for k, d in decided.items() if isinstance(family[k], sq.DropCheck)}
+            checks.append(_average(name, base, row, cfg, drops))
     statuses = {c.status for c in checks}
     if "fail" in statuses:
         return Verdict("fail", 1, checks)
@@ -222,9 +208,14 @@ def junit_xml(v: Verdict) -> str:
     for c in v.checks:
         by_variant.setdefault(c.variant, []).append(c)
     for variant, checks in by_variant.items():
-        s = ET.SubElement(suites, "testsuite", name=variant, tests=str(len(checks)),
-                          failures=str(sum(c.status == "fail" for c in checks)),
-                          errors=str(sum(c.status in ("error", "undecided") for c in checks)))
+        s = ET.SubElement(
+            suites,
+            "testsuite",
+            name=variant,
+            tests=str(len(checks)),
+            failures=str(sum(c.status == "fail" for c in checks)),
+            errors=str(sum(c.status in ("error", "undecided") for c in checks)),
+        )
         for c in checks:
             case = ET.SubElement(s, "testcase", classname=f"quantpipe.{variant}", name=c.check)
             if c.status == "fail":

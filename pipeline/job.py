@@ -50,8 +50,15 @@ class ModelSlot:
 
 
 class Job:
-    def __init__(self, recipe: Recipe, artifacts_root: Path, allow_code_execution: bool = False,
-                 data_dir: Path | None = None, variants: list[str] | None = None, workdir: Path | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        artifacts_root: Path,
+        allow_code_execution: bool = False,
+        data_dir: Path | None = None,
+        variants: list[str] | None = None,
+        workdir: Path | None = None,
+    ):
         self.recipe = recipe
         self.root = Path(artifacts_root) / recipe.name
         self.workdir = workdir or self.root / ".work"  # task configs and datasets cache of this process
@@ -75,8 +82,11 @@ class Job:
         check_against_model(self.recipe, self.info)
         # a local folder, or (online) a hub id that transformers resolves itself
         self.base_dir = Path(self.model_path) if Path(str(self.model_path)).exists() else None
-        self.base = Artifact(self.base_dir or self.model_path, "hf",
-                             key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype))
+        self.base = Artifact(
+            self.base_dir or self.model_path,
+            "hf",
+            key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype),
+        )
         if evaluation:
             for fmt in {self._row_format(r) for r in self.rows()}:  # e.g. vLLM without a GPU: refused now
                 backend_for(fmt, self.recipe.eval.engine).check_available()
@@ -87,7 +97,7 @@ class Job:
 
     def _row_format(self, row: str) -> str:
         fmt = "hf"
-        for stage in ([] if row == "base" else self.recipe.stages(row)):
+        for stage in [] if row == "base" else self.recipe.stages(row):
             fmt = stage.output_format(fmt)
         return fmt
 
@@ -109,11 +119,21 @@ class Job:
             for i, stage in enumerate(self.recipe.stages(row)):
                 params = stage.params.model_dump(mode="json")
                 calib = [calibration_fingerprint(self.recipe)] if stage.uses_calibration() else []
-                key = store.content_key(key, stage.name, params, store.lib_versions(stage.libraries),
-                                        self.recipe.calibration.model_dump(), *calib)
+                key = store.content_key(
+                    key, stage.name, params, store.lib_versions(stage.libraries), self.recipe.calibration.model_dump(), *calib
+                )
                 if key not in by_key:
-                    by_key[key] = plan.add(Step("build", row, key, self.root / row / "stages" / f"{i:02d}-{stage.name}",
-                                                deps=(prev.id,) if prev else (), stage=i, stage_name=stage.name))
+                    by_key[key] = plan.add(
+                        Step(
+                            "build",
+                            row,
+                            key,
+                            self.root / row / "stages" / f"{i:02d}-{stage.name}",
+                            deps=(prev.id,) if prev else (),
+                            stage=i,
+                            stage_name=stage.name,
+                        )
+                    )
                 prev = by_key[key]
             plan.set_artifact(row, prev)
         if self.evaluator is None:
@@ -127,8 +147,7 @@ class Job:
             deps = (art_step.id,) if art_step else ()
             for task in ev.tasks:
                 settings = ev.settings(task)
-                plan.add(Step("eval", row, store.content_key(art_key, settings), self.root / row / "eval" / task,
-                              deps=deps, task=task))
+                plan.add(Step("eval", row, store.content_key(art_key, settings), self.root / row / "eval" / task, deps=deps, task=task))
             if not backend_for(self._row_format(row), self.recipe.eval.engine).gives_logprobs:
                 log.debug("%s: no KL (its backend gives no next-token distributions)", row)
                 continue
@@ -139,8 +158,7 @@ class Job:
                 ref_key = store.content_key(self.base.key, dv.corpus_key(self.kl_texts))
                 kl_ref = plan.add(Step("kl_reference", "base", ref_key, self.root / "base" / "kl-reference"))
             if row != "base":
-                plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key), self.root / row / "kl",
-                              deps=(*deps, kl_ref.id)))
+                plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key), self.root / row / "kl", deps=(*deps, kl_ref.id)))
         self._plan = plan
         return plan
 
@@ -181,10 +199,15 @@ class Job:
             inp = self._input_artifact(step)
             ctx = StageContext(self.calibration, self.recipe.calibration.seq_len, self.recipe.calibration.seed)
             out = stage.run(inp, tmp, ctx)
-            chain = [{"stage": s.name, "params": s.params.model_dump(mode="json")}
-                     for s in self.recipe.stages(step.row)[: step.stage + 1]]
-            return {"format": out.format, "bits": out.bits, "meta": out.meta, "chain": chain, "input_key": inp.key,
-                    "versions": store.lib_versions(stage.libraries)}
+            chain = [{"stage": s.name, "params": s.params.model_dump(mode="json")} for s in self.recipe.stages(step.row)[: step.stage + 1]]
+            return {
+                "format": out.format,
+                "bits": out.bits,
+                "meta": out.meta,
+                "chain": chain,
+                "input_key": inp.key,
+                "versions": store.lib_versions(stage.libraries),
+            }
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 
@@ -196,8 +219,12 @@ class Job:
             with PeakMemory() as peak:
                 record, samples = self.evaluator.run(loaded, step.task)
             (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-            return {**record, "settings": self.evaluator.settings(step.task), "n_items": len(samples),
-                    "peak_memory_bytes": peak.bytes}
+            return {
+                **record,
+                "settings": self.evaluator.settings(step.task),
+                "n_items": len(samples),
+                "peak_memory_bytes": peak.bytes,
+            }
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 
@@ -229,13 +256,23 @@ class Job:
         store.clean_stale_tmp(self.root)
         self.prepare()
         plan = self.plan()
-        store.atomic_write_json(self.root / "recipe.json", {
-            **self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)})
+        store.atomic_write_json(
+            self.root / "recipe.json", {**self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)}
+        )
         # the run's index: which records make up its table (the table never reads anything else)
-        store.atomic_write_json(self.root / "plan.json", {**plan.to_dict(), "base": {
-            "model": self.recipe.model.id, "dtype": self.recipe.model.dtype, "path": str(self.base.path),
-            "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
-            "n_params": count_parameters(self.base_dir) if self.base_dir else None}})
+        store.atomic_write_json(
+            self.root / "plan.json",
+            {
+                **plan.to_dict(),
+                "base": {
+                    "model": self.recipe.model.id,
+                    "dtype": self.recipe.model.dtype,
+                    "path": str(self.base.path),
+                    "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
+                    "n_params": count_parameters(self.base_dir) if self.base_dir else None,
+                },
+            },
+        )
         return plan
 
     def record_outcome(self, row: str, error: BaseException | None, tb: str = "") -> None:

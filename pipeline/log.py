@@ -16,8 +16,24 @@ import warnings
 log = logging.getLogger("quantpipe")
 
 # Loggers whose INFO/WARNING lines are noise at the default verbosity (shown with -v).
-NOISY = ("lm-eval", "lm_eval", "transformers", "torchao", "torch", "gptqmodel", "llmcompressor", "compressed_tensors",
-         "datasets", "accelerate", "huggingface_hub", "urllib3", "filelock", "ray", "numexpr", "httpx")
+NOISY = (
+    "lm-eval",
+    "lm_eval",
+    "transformers",
+    "torchao",
+    "torch",
+    "gptqmodel",
+    "llmcompressor",
+    "compressed_tensors",
+    "datasets",
+    "accelerate",
+    "huggingface_hub",
+    "urllib3",
+    "filelock",
+    "ray",
+    "numexpr",
+    "httpx",
+)
 
 _results = None
 
@@ -51,6 +67,7 @@ def quiet_third_party() -> None:
 
         init = tqdm.std.tqdm.__init__
         if not getattr(init, "_quantpipe_quiet", False):
+
             def quiet_init(self, *args, **kwargs):
                 kwargs["disable"] = True
                 init(self, *args, **kwargs)

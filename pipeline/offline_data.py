@@ -19,6 +19,7 @@ import yaml
 from .benchmarks import MIRRORED
 from .errors import QuantpipeError
 
+
 def required_files(data_dir: Path) -> list[Path]:
     """Every file build_mirrors reads (MMLU: one test and one dev file for all subjects)."""
     out = []
@@ -39,10 +40,11 @@ def _need(path: Path) -> Path:
 
 
 def _write_readme(folder: Path, configs: dict[str, dict[str, str]]) -> None:
-    front = {"configs": [
-        {"config_name": name, "data_files": [{"split": s, "path": p} for s, p in splits.items()]}
-        for name, splits in configs.items()
-    ]}
+    front = {
+        "configs": [
+            {"config_name": name, "data_files": [{"split": s, "path": p} for s, p in splits.items()]} for name, splits in configs.items()
+        ]
+    }
     (folder / "README.md").write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n")
 
 

@@ -71,5 +71,8 @@ class Plan:
         return cut
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "steps": [s.to_dict() for s in self.steps],
-                "artifacts": {r: s.id for r, s in self._artifact.items()}}
+        return {
+            "rows": self.rows,
+            "steps": [s.to_dict() for s in self.steps],
+            "artifacts": {r: s.id for r, s in self._artifact.items()},
+        }

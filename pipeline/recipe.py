@@ -52,7 +52,8 @@ class EvalSpec(Strict):
     batch_size: int | None = Field(None, gt=0, description="same for every row; defaults to the suite's")
     data_dir: str | None = Field(None, description="local copies of the datasets (offline); relative to the recipe file")
     engine: Literal["default", "vllm"] = Field(
-        "default", description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp)")
+        "default", description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp)"
+    )
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
 
 
@@ -90,8 +91,8 @@ class GateConfig(Strict):
     @classmethod
     def _finite(cls, v: dict[str, float]) -> dict[str, float]:
         for k, x in v.items():
-            if not math.isfinite(x) or x < 0:
-                raise ValueError(f"max_drop.{k}: {x} is not a finite number of points >= 0")
+            if not (math.isfinite(x) and 0 <= x < 100):
+                raise ValueError(f"max_drop.{k}: {x} is not a number of points in [0, 100)")
         return v
 
     @field_validator("max_avg_drop")
@@ -228,7 +229,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def check_against_model(recipe: Recipe, info) -> None:
     """Model-dependent checks (group sizes, head dims...), still before any work."""
-    for vname, chain in recipe.variants.items():
+    for vname in recipe.variants:
         for i, stage in enumerate(recipe.stages(vname)):
             try:
                 stage.check(info)

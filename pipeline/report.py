@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import shutil
 import time
@@ -29,7 +28,8 @@ def _footer(t: Table) -> list[str]:
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "
         "test for 0/1 metrics, paired bootstrap otherwise). Avg drop: the mean over benchmarks of the relative "
         "drop (base − variant) / base, in %, over the benchmarks where the base scores above 0. Items per benchmark: "
-        + ", ".join(f"{c} {k}" for c, k in n.items()) + ".",
+        + ", ".join(f"{c} {k}" for c, k in n.items())
+        + ".",
         "; ".join(f"{c.name}: {c.label}" + (f" ({c.n_shot}-shot)" if c.n_shot is not None else "") for c in t.columns)
         + ". Size: bytes on disk of the artifact's files. Peak memory: the largest resident set (CPU) or CUDA "
         "allocation (GPU) while evaluating the row.",
@@ -38,15 +38,19 @@ def _footer(t: Table) -> list[str]:
 
 def _methods(t: Table) -> list[str]:
     cols = [c.name for c in t.columns]
-    lines = ["| Method | Bits | " + " | ".join(cols) + " | Size | Peak memory | Avg drop |",
-             "|---|---|" + "---|" * len(cols) + "---|---|---|"]
+    lines = [
+        "| Method | Bits | " + " | ".join(cols) + " | Size | Peak memory | Avg drop |",
+        "|---|---|" + "---|" * len(cols) + "---|---|---|",
+    ]
     for r in t.rows:
         if r.error and not r.cells:
-            lines.append(f"| {r.name} | {r.bits or '–'} | " + " | ".join(["failed"] * len(cols))
-                         + f" | – | – | error: {r.error[:80]} |")
+            lines.append(f"| {r.name} | {r.bits or '–'} | " + " | ".join(["failed"] * len(cols)) + f" | – | – | error: {r.error[:80]} |")
             continue
-        lines.append(f"| {r.name} | {r.bits or '–'} | " + " | ".join(fmt_cell(r.cells.get(c)) for c in cols)
-                     + f" | {fmt_bytes(r.size_bytes)} | {fmt_bytes(r.peak_memory_bytes)} | {fmt_avg(r)} |")
+        lines.append(
+            f"| {r.name} | {r.bits or '–'} | "
+            + " | ".join(fmt_cell(r.cells.get(c)) for c in cols)
+            + f" | {fmt_bytes(r.size_bytes)} | {fmt_bytes(r.peak_memory_bytes)} | {fmt_avg(r)} |"
+        )
     return lines
 
 
@@ -66,9 +70,13 @@ def _divergence(t: Table) -> list[str]:
     if not rows:
         return []
     sets = sorted({s for r in rows for s in r.divergence})
-    lines = ["", "Distribution distance to the base (next-token, top-64 coarsened KL; lower is closer):", "",
-             "| Method | " + " | ".join(f"{s}: KL | {s}: same top-1 | {s}: PPL ratio" for s in sets) + " |",
-             "|---|" + "---|---|---|" * len(sets)]
+    lines = [
+        "",
+        "Distribution distance to the base (next-token, top-64 coarsened KL; lower is closer):",
+        "",
+        "| Method | " + " | ".join(f"{s}: KL | {s}: same top-1 | {s}: PPL ratio" for s in sets) + " |",
+        "|---|" + "---|---|---|" * len(sets),
+    ]
     for r in rows:
         cells = []
         for s in sets:
@@ -76,8 +84,10 @@ def _divergence(t: Table) -> list[str]:
             cells += [f"{d.mean_kl:.4f}", f"{100 * d.top1_agreement:.1f}%", f"{d.ppl_ratio:.3f}"] if d else ["–"] * 3
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     n = {s: max(r.divergence[s].tokens for r in rows if s in r.divergence) for s in sets}
-    lines.append("\nTokens: " + ", ".join(f"{s} {n[s]}" for s in sets) + " (docs: stdlib docstrings disjoint from the "
-                 "calibration corpus; prompts: GSM8K and TruthfulQA questions).")
+    lines.append(
+        "\nTokens: " + ", ".join(f"{s} {n[s]}" for s in sets) + " (docs: stdlib docstrings disjoint from the "
+        "calibration corpus; prompts: GSM8K and TruthfulQA questions)."
+    )
     return lines
 
 
@@ -97,22 +107,41 @@ def to_csv(t: Table) -> str:
     cols = [c.name for c in t.columns]
     header = ["method", "bits"]
     for c in cols:
-        header += [c, f"{c}_stderr", f"{c}_n", f"{c}_diff", f"{c}_ci_low", f"{c}_ci_high", f"{c}_p", f"{c}_flips_c2w",
-                   f"{c}_flips_w2c"]
-    w.writerow(header + ["size_bytes", "peak_memory_bytes", "avg_drop_pct", "kl_docs", "top1_docs", "ppl_ratio_docs",
-                         "evaluated_as", "error"])
+        header += [
+            c,
+            f"{c}_stderr",
+            f"{c}_n",
+            f"{c}_diff",
+            f"{c}_ci_low",
+            f"{c}_ci_high",
+            f"{c}_p",
+            f"{c}_flips_c2w",
+            f"{c}_flips_w2c",
+        ]
+    w.writerow(
+        header + ["size_bytes", "peak_memory_bytes", "avg_drop_pct", "kl_docs", "top1_docs", "ppl_ratio_docs", "evaluated_as", "error"]
+    )
     for r in t.rows:
         row = [r.name, r.bits or ""]
         for c in cols:
             cell = r.cells.get(c)
             p = cell.paired if cell else None
             row += ["", "", ""] if cell is None else [cell.score, cell.stderr, cell.n]
-            row += [""] * 6 if p is None else [p.diff, p.ci_low, p.ci_high, p.p_value, _blank(p.correct_to_wrong),
-                                               _blank(p.wrong_to_correct)]
+            row += (
+                [""] * 6 if p is None else [p.diff, p.ci_low, p.ci_high, p.p_value, _blank(p.correct_to_wrong), _blank(p.wrong_to_correct)]
+            )
         d = r.divergence.get("docs")
-        w.writerow(row + [r.size_bytes or "", r.peak_memory_bytes or "", _blank(r.avg_drop_pct),
-                          *(["", "", ""] if d is None else [d.mean_kl, d.top1_agreement, d.ppl_ratio]),
-                          r.evaluated_as, r.error or ""])
+        w.writerow(
+            row
+            + [
+                r.size_bytes or "",
+                r.peak_memory_bytes or "",
+                _blank(r.avg_drop_pct),
+                *(["", "", ""] if d is None else [d.mean_kl, d.top1_agreement, d.ppl_ratio]),
+                r.evaluated_as,
+                r.error or "",
+            ]
+        )
     return buf.getvalue()
 
 
@@ -124,19 +153,28 @@ def model_card(t: Table, name: str) -> str:
     """A Markdown snippet for one variant's model card: its row next to the base, and how measured."""
     cols = [c.name for c in t.columns]
     r = t.row(name)
-    lines = [f"## Quantization quality: {name}", "",
-             "| Method | Bits | " + " | ".join(cols) + " | Avg drop |", "|---|---|" + "---|" * len(cols) + "---|"]
+    lines = [
+        f"## Quantization quality: {name}",
+        "",
+        "| Method | Bits | " + " | ".join(cols) + " | Avg drop |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
     for x in (t.base, r):
-        lines.append(f"| {x.name} | {x.bits or '–'} | " + " | ".join(fmt_cell(x.cells.get(c)) for c in cols)
-                     + f" | {fmt_avg(x)} |")
+        lines.append(f"| {x.name} | {x.bits or '–'} | " + " | ".join(fmt_cell(x.cells.get(c)) for c in cols) + f" | {fmt_avg(x)} |")
     chain = " → ".join(f"{s['stage']}({', '.join(f'{k}={v}' for k, v in s['params'].items())})" for s in r.chain)
     n = ", ".join(f"{c} {r.cells[c].n}" for c in cols if c in r.cells)
-    lines += ["", f"Measured with quantpipe on lm-eval's stock tasks ({n} items; paired with the base on the same items).",
-              f"Stages: {chain or '–'}.", f"Evaluated as: {r.evaluated_as or '–'}."]
+    lines += [
+        "",
+        f"Measured with quantpipe on lm-eval's stock tasks ({n} items; paired with the base on the same items).",
+        f"Stages: {chain or '–'}.",
+        f"Evaluated as: {r.evaluated_as or '–'}.",
+    ]
     d = r.divergence.get("docs")
     if d:
-        lines.append(f"Next-token KL to base {d.mean_kl:.4f}, same top-1 token {100 * d.top1_agreement:.1f}%, "
-                     f"perplexity ratio {d.ppl_ratio:.3f} ({d.tokens} tokens).")
+        lines.append(
+            f"Next-token KL to base {d.mean_kl:.4f}, same top-1 token {100 * d.top1_agreement:.1f}%, "
+            f"perplexity ratio {d.ppl_ratio:.3f} ({d.tokens} tokens)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -165,8 +203,9 @@ def write_report(root: Path, gate_cfg=None) -> Path:
     version = root / ".reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     version.mkdir(parents=True)
     (version / "degradation.md").write_text(f"# {t.recipe}: quality degradation\n\n" + to_markdown(t, "methods", verdict_lines))
-    (version / "degradation-section7.md").write_text(f"# {t.recipe}: quality degradation (Section 7 layout)\n\n"
-                                                     + to_markdown(t, "section7", verdict_lines))
+    (version / "degradation-section7.md").write_text(
+        f"# {t.recipe}: quality degradation (Section 7 layout)\n\n" + to_markdown(t, "section7", verdict_lines)
+    )
     (version / "degradation.csv").write_text(to_csv(t))
     (version / "degradation.json").write_text(json.dumps(t.to_dict(), indent=1, default=str) + "\n")
     (version / "report.html").write_text(to_html(t, verdict))

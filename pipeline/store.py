@@ -106,7 +106,8 @@ def fingerprint_files(paths) -> str:
 def file_table(folder: Path) -> dict[str, dict]:
     return {
         str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
     }
 
 
@@ -150,8 +151,13 @@ def _fresh_tmp(final: Path) -> Path:
 
 
 def _commit(tmp: Path, final: Path, key: str, meta: dict) -> Record:
-    manifest = {"store_format": FORMAT, "key": key, "meta": meta, "files": file_table(tmp),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest = {
+        "store_format": FORMAT,
+        "key": key,
+        "meta": meta,
+        "files": file_table(tmp),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     atomic_write_json(tmp / MANIFEST, manifest)
     if final.exists():
         shutil.rmtree(final) if final.is_dir() else final.unlink()

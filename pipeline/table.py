@@ -97,8 +97,7 @@ class Table:
         try:
             rows = []
             for r in d["rows"]:
-                cells = {c: Cell(**{**v, "paired": Paired(**v["paired"]) if v.get("paired") else None})
-                         for c, v in r["cells"].items()}
+                cells = {c: Cell(**{**v, "paired": Paired(**v["paired"]) if v.get("paired") else None}) for c, v in r["cells"].items()}
                 div = {k: Divergence(**v) for k, v in (r.get("divergence") or {}).items()}
                 rows.append(Row(**{**r, "cells": cells, "divergence": div}))
             return cls(d["recipe"], [ColumnInfo(**c) for c in d["columns"]], rows, d.get("n_params"))
@@ -143,8 +142,9 @@ def _scores(index: dict, row: str) -> tuple[dict[str, Cell], dict[str, int | Non
             continue
         mean, se = mean_stderr(list(items.values()))
         peaks = [r.meta.get("peak_memory_bytes") for r in recs if r.meta.get("peak_memory_bytes")]
-        cells[task.column.name] = Cell(mean, se, len(items), recs[0].meta.get("evaluated_as"), items, looks,
-                                       peak_memory_bytes=max(peaks) if peaks else None)
+        cells[task.column.name] = Cell(
+            mean, se, len(items), recs[0].meta.get("evaluated_as"), items, looks, peak_memory_bytes=max(peaks) if peaks else None
+        )
         shots[task.column.name] = _n_shot(recs[0].meta, task.name)
     return cells, shots
 
@@ -185,12 +185,23 @@ def build_table(root: Path) -> Table:
         divergence = {k: Divergence(**v) for k, v in kl[0].meta["sets"].items()} if kl else {}
         evaluated = {c.evaluated_as for c in cells.values() if c.evaluated_as}
         peaks = [c.peak_memory_bytes for c in cells.values() if c.peak_memory_bytes]
-        rows.append(Row(name, bits, fmt, size, chain, (err or {}).get("error"), cells, divergence,
-                        "; ".join(sorted(evaluated)), sum(drops) / len(drops) if drops else None,
-                        max(peaks) if peaks else None))
+        rows.append(
+            Row(
+                name,
+                bits,
+                fmt,
+                size,
+                chain,
+                (err or {}).get("error"),
+                cells,
+                divergence,
+                "; ".join(sorted(evaluated)),
+                sum(drops) / len(drops) if drops else None,
+                max(peaks) if peaks else None,
+            )
+        )
     return Table(root.name, columns, rows, (index.get("base") or {}).get("n_params"))
 
 
 def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
-

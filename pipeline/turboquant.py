@@ -176,8 +176,10 @@ def make_kv_cache(cfg: KVConfig, model_config):
             k_all, v_all = super().update(kq, vq, layer_idx, *args, **kwargs)
             n = key_states.shape[-2]
             if cfg.mode == "engine" and n > 1:
-                return (torch.cat([k_all[..., :-n, :], key_states], dim=-2),
-                        torch.cat([v_all[..., :-n, :], value_states], dim=-2))
+                return (
+                    torch.cat([k_all[..., :-n, :], key_states], dim=-2),
+                    torch.cat([v_all[..., :-n, :], value_states], dim=-2),
+                )
             return k_all, v_all
 
     return TurboQuantKVCache(config=model_config)
@@ -193,8 +195,10 @@ def apply_kv_cache(model, config: dict) -> str:
 
     def forward(*args, past_key_values=None, use_cache=None, **kwargs):
         fresh = past_key_values is None or (
-            isinstance(past_key_values, DynamicCache) and not isinstance(past_key_values, cache_type)
-            and past_key_values.get_seq_length() == 0)
+            isinstance(past_key_values, DynamicCache)
+            and not isinstance(past_key_values, cache_type)
+            and past_key_values.get_seq_length() == 0
+        )
         if fresh:
             past_key_values, use_cache = make_kv_cache(cfg, model.config), True
         return original(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
@@ -203,8 +207,10 @@ def apply_kv_cache(model, config: dict) -> str:
     text_cfg = getattr(model.config, "text_config", model.config)
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
     bits = cfg.effective_bits(head_dim, text_cfg.num_hidden_layers)
-    return (f"TurboQuant KV k{cfg.key_bits}{'+qjl' if cfg.qjl else ''}/v{cfg.value_bits} "
-            f"({bits:.2f} b/elt, {cfg.mode} mode, layers {sorted(cfg.skipped(text_cfg.num_hidden_layers))} unquantized)")
+    return (
+        f"TurboQuant KV k{cfg.key_bits}{'+qjl' if cfg.qjl else ''}/v{cfg.value_bits} "
+        f"({bits:.2f} b/elt, {cfg.mode} mode, layers {sorted(cfg.skipped(text_cfg.num_hidden_layers))} unquantized)"
+    )
 
 
 def kv_config_dict(cfg: KVConfig) -> dict:

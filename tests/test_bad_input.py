@@ -64,22 +64,41 @@ def test_empty_calibration_set_fails_only_that_variant(tmp_path, tiny_model, dat
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "e", "model": {"id": str(tiny_model)}, "offline": True,
-        "calibration": {"dataset": str(empty)},
-        "eval": {"suite": "smoke", "data_dir": str(data_dir), "tasks": {"humaneval": None, "mmlu": None, "gsm8k": None, "truthfulqa_mc2": None}},
-        "variants": {"gptq": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "e",
+                "model": {"id": str(tiny_model)},
+                "offline": True,
+                "calibration": {"dataset": str(empty)},
+                "eval": {
+                    "suite": "smoke",
+                    "data_dir": str(data_dir),
+                    "tasks": {"humaneval": None, "mmlu": None, "gsm8k": None, "truthfulqa_mc2": None},
+                },
+                "variants": {"gptq": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]},
+            }
+        )
+    )
     out = cli("run", recipe, "--artifacts", tmp_path / "art")
     assert out.returncode == 0, out.stderr[-2000:]
     err = json.loads((tmp_path / "art" / "e" / "gptq" / "error.json").read_text())["error"]
     assert "is empty" in err
-    assert (tmp_path / "art" / "e" / "fp8" / "eval" / "truthfulqa_mc1.json").is_file()
+    assert (tmp_path / "art" / "e" / "fp8" / "eval" / "truthfulqa_mc1" / "manifest.json").is_file()
 
 
 def test_doctor_reports_missing_opt_in_and_passes_with_it(tmp_path, tiny_model, data_dir):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "d", "model": {"id": str(tiny_model)}, "eval": {"suite": "smoke", "data_dir": str(data_dir)},
-                                      "variants": {"fp8": [{"stage": "fp8"}]}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "d",
+                "model": {"id": str(tiny_model)},
+                "eval": {"suite": "smoke", "data_dir": str(data_dir)},
+                "variants": {"fp8": [{"stage": "fp8"}]},
+            }
+        )
+    )
     out = cli("doctor", recipe, "--artifacts", tmp_path / "art")
     assert out.returncode == 1 and "FAIL HumanEval" in out.stdout and "--allow-code-execution" in out.stdout
     out = cli("doctor", recipe, "--artifacts", tmp_path / "art", "--allow-code-execution")

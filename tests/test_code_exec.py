@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.code_exec import CodeExecutionNotAllowed, OPT_IN_ENV, _launcher, pass_at_k, pass_at_k_estimate, run_program
+from pipeline.code_exec import OPT_IN_ENV, CodeExecutionNotAllowed, _launcher, pass_at_k, pass_at_k_estimate, run_program
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +48,7 @@ def test_unbounded_allocation_fails():
 
 
 def test_children_do_not_outlive_the_item():
-    prog = ("import os, time\n"
-            "if os.fork() == 0:\n    os.setsid() if False else None\n    time.sleep(300)\n"
-            "else:\n    time.sleep(300)\n")
+    prog = "import os, time\nif os.fork() == 0:\n    os.setsid() if False else None\n    time.sleep(300)\nelse:\n    time.sleep(300)\n"
     assert not run_program(prog, timeout=2)
     time.sleep(0.5)
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
@@ -87,6 +85,7 @@ def test_no_network():
     prog = "import socket\nsocket.create_connection(('127.0.0.1', 22), timeout=2)\n"
     assert not run_program(prog)
     # loopback is down too: even a listener in the same program cannot be reached
-    prog = ("import socket\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
-            "socket.create_connection(s.getsockname(), timeout=2)\n")
+    prog = (
+        "import socket\ns = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\nsocket.create_connection(s.getsockname(), timeout=2)\n"
+    )
     assert not run_program(prog)

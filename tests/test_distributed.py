@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from test_pipeline import quantpipe, table_numbers, write_recipe
+from test_pipeline import quantpipe, record, table_numbers, write_recipe
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")
@@ -32,9 +31,24 @@ def ray_cluster(tmp_path_factory):
     ray_bin = Path(sys.executable).with_name("ray")
     port = _free_port()
     temp = tmp_path_factory.mktemp("ray")
-    subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=2", "--num-gpus=0", "--object-store-memory=100000000", "--include-dashboard=false",
-                    "--disable-usage-stats", f"--temp-dir={temp}"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--num-gpus=0",
+            "--object-store-memory=100000000",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     yield f"127.0.0.1:{port}"
     subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, timeout=120)
 
@@ -47,14 +61,14 @@ def test_distributed_run_gives_the_same_table_as_a_local_run(ray_cluster, tiny_m
     local, dist = tmp_path / "local" / "tiny", tmp_path / "ray" / "tiny"
     assert table_numbers(dist) == table_numbers(local)
     # ...and the work really ran as Ray tasks in other processes, one per (row, benchmark)
-    assert "submitted 3 rows x 3 tasks to Ray" in r.stderr
+    # 2 builds + 3 rows x 3 tasks + the KL reference + 2 KLs, one Ray task per plan step
+    assert "submitted 14 steps (3 rows) to Ray" in r.stderr
     assert any((dist / ".work").glob("worker-*"))
-    assert "(build_task pid=" in r.stderr and "(evaluate_task pid=" in r.stderr and "(divergence_task pid=" in r.stderr
+    assert "(step_task pid=" in r.stderr or "(eval base mmlu pid=" in r.stderr
     for row in ("base", "fp8", "gptq-4bit"):
         for task in ("mmlu", "truthfulqa_mc1", "truthfulqa_mc2"):
-            assert json.loads((dist / row / "eval" / f"{task}.json").read_text())["key"] == \
-                json.loads((local / row / "eval" / f"{task}.json").read_text())["key"]
-    kl = [json.loads((run / "fp8" / "divergence.json").read_text())["docs"]["mean_kl"] for run in (dist, local)]
+            assert record(dist / row / "eval" / task)["key"] == record(local / row / "eval" / task)["key"]
+    kl = [record(run / "fp8" / "kl")["meta"]["sets"]["docs"]["mean_kl"] for run in (dist, local)]
     assert kl[0] > 0 and kl[0] == pytest.approx(kl[1], rel=1e-3)
 
 

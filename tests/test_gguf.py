@@ -9,12 +9,12 @@ import torch
 
 pytest.importorskip("llama_cpp")
 
+from helpers import FIXED_TEXT, mean_kl  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from helpers import FIXED_TEXT, mean_kl  # noqa: E402
 from pipeline.backends.llamacpp import LlamaCppLM, _log_softmax  # noqa: E402
-from pipeline.stages.registry import get_stage  # noqa: E402
 from pipeline.stages.base import Artifact  # noqa: E402
+from pipeline.stages.registry import get_stage  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,7 @@ def test_q8_is_closer_to_base_than_q4_k_m(ggufs, tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = tok(FIXED_TEXT).input_ids
     ref = _log_softmax(llama(ggufs["F16"]).logits(ids).copy())
-    kl = {t: mean_kl(torch.from_numpy(ref), torch.from_numpy(_log_softmax(llama(ggufs[t]).logits(ids).copy())))
-          for t in ("Q8_0", "Q4_K_M")}
+    kl = {t: mean_kl(torch.from_numpy(ref), torch.from_numpy(_log_softmax(llama(ggufs[t]).logits(ids).copy()))) for t in ("Q8_0", "Q4_K_M")}
     assert 0 <= kl["Q8_0"] < kl["Q4_K_M"], kl
 
 
@@ -98,7 +97,7 @@ def test_greedy_generation_stops_at_stop_strings(ggufs):
     prompt = "def sort(items):\n"
     free = lm.generate_until([Req((prompt, {"until": [], "max_gen_toks": 24, "do_sample": False}))])[0]
     assert len(lm.tokenizer.encode(free)) >= 10
-    stop = free[len(free) // 2: len(free) // 2 + 3]
+    stop = free[len(free) // 2 : len(free) // 2 + 3]
     assume = stop.strip() != ""
     if not assume:
         stop = free[-3:]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.artifacts import run_lock
-from pipeline.evaluation import BENCHMARKS
+from pipeline.benchmarks import COLUMNS
+from pipeline.store import run_lock
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,16 @@ def quantpipe(*args, check=True, **kw) -> subprocess.CompletedProcess:
 
 def table_numbers(root: Path) -> dict:
     t = json.loads((root / "report" / "degradation.json").read_text())
-    return {e["row"]: {b: (c["score"], c["n"], (c.get("paired") or {}).get("diff")) for b, c in e["benchmarks"].items()}
-            for e in t["rows"]}
+    return {r["name"]: {c: (v["score"], v["n"], (v.get("paired") or {}).get("diff")) for c, v in r["cells"].items()} for r in t["rows"]}
+
+
+def record(folder: Path) -> dict:
+    """A stored record's manifest (key, meta, files)."""
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def step_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("[") and "/" in line.split("]")[0]]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +74,7 @@ def test_table_has_every_row_and_benchmark(finished):
         assert {b: v[1] for b, v in benches.items()} == expected_n, row
         assert all(0.0 <= v[0] <= 1.0 for v in benches.values())
     md = (root / "report" / "degradation.md").read_text()
-    assert "| Method | Bits | MMLU | HumanEval | GSM8K | TruthfulQA | Size | Avg drop |" in md
+    assert "| Method | Bits | MMLU | HumanEval | GSM8K | TruthfulQA | Size | Peak memory | Avg drop |" in md
     assert "dequantized on CPU" in md and "relative drop" in md
     # few-shot counts as lm-eval ran them (the smoke suite runs MMLU 0-shot; GSM8K's stock config is 5-shot)
     assert "MMLU: acc (0-shot)" in md and "GSM8K: exact match, flexible-extract (5-shot)" in md
@@ -79,18 +87,18 @@ def test_table_matches_lm_eval_aggregates(finished):
     """Scores recomputed from stored per-item samples equal lm-eval's own aggregated metrics."""
     _, _, root, _ = finished
     t = json.loads((root / "report" / "degradation.json").read_text())
-    for e in t["rows"]:
-        for bench in BENCHMARKS:
-            rec = json.loads((root / e["row"] / "eval" / f"{bench.task}.json").read_text())
-            agg = rec["results"][bench.task][f"{bench.metric},{bench.filter}"]
-            assert e["benchmarks"][bench.column]["score"] == pytest.approx(agg, abs=1e-9), (e["row"], bench.column)
+    for r in t["rows"]:
+        for task in COLUMNS:
+            rec = record(root / r["name"] / "eval" / task.name)["meta"]
+            agg = rec["results"][task.name][f"{task.column.metric},{task.column.filter}"]
+            assert r["cells"][task.column.name]["score"] == pytest.approx(agg, abs=1e-9), (r["name"], task.column.name)
 
 
 def test_gsm8k_keeps_both_filters_and_humaneval_ran_programs(finished):
     _, _, root, _ = finished
-    res = json.loads((root / "base" / "eval" / "gsm8k.json").read_text())["results"]["gsm8k"]
+    res = record(root / "base" / "eval" / "gsm8k")["meta"]["results"]["gsm8k"]
     assert "exact_match,strict-match" in res and "exact_match,flexible-extract" in res
-    samples = [json.loads(x) for x in (root / "base" / "eval" / "humaneval.samples.jsonl").read_text().split("\n") if x]
+    samples = [json.loads(x) for x in (root / "base" / "eval" / "humaneval" / "samples.jsonl").read_text().split("\n") if x]
     assert len(samples) == 2 and all("pass@1" in s and "check(" in s["target"] for s in samples)
 
 
@@ -98,12 +106,13 @@ def test_rerun_reuses_everything(finished):
     tmp, recipe, root, _ = finished
     before = table_numbers(root)
     r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
-    assert "running stage" not in r.stderr and "evaluating" not in r.stderr
-    assert r.stderr.count("reused") >= 2 + 3 * 5
+    lines = step_lines(r.stderr)
+    assert len(lines) == 2 + 3 * 5 + 1 + 2  # builds, (row, task) evaluations, KL reference, KL per variant
+    assert all(line.endswith(": reused") for line in lines), lines
     assert table_numbers(root) == before
     # `quantpipe table` rebuilds the same table from stored results alone
     out = quantpipe("table", root, "--format", "json")
-    assert {e["row"] for e in json.loads(out.stdout)["rows"]} == set(before)
+    assert {r["name"] for r in json.loads(out.stdout)["rows"]} == set(before)
 
 
 def test_corrupt_artifact_is_detected_and_rebuilt(finished):
@@ -113,8 +122,8 @@ def test_corrupt_artifact_is_detected_and_rebuilt(finished):
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
     r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
-    assert "not usable (files differ from the manifest (model.safetensors))" in r.stderr
-    assert "fp8: running stage 0 'fp8'" in r.stderr
+    assert "not usable (files differ from the manifest (model.safetensors)); recomputing" in r.stderr
+    assert any(line.startswith("[") and "build fp8[0] fp8: " in line and not line.endswith("reused") for line in step_lines(r.stderr))
     assert weights.read_bytes() != bytes(data)
 
 
@@ -122,18 +131,21 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(finished, tiny_model,
     _, _, ref_root, _ = finished
     recipe = write_recipe(tmp_path, tiny_model, data_dir)
     art = tmp_path / "art"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = art / "tiny" / "fp8" / "stages" / "00-fp8" / "manifest.json"
     deadline = time.time() + 1800  # generous: a loaded CI machine is slow, and this is not a timing test
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # mid-run: fp8 built, its evaluation (at least) not yet done
     proc.wait()
-    done = {p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("*.json") if "/eval/" in str(p) or p.name == "manifest.json"}
+    done = {p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("manifest.json")}
     assert marker in done and not (art / "tiny" / "report").exists()
     r = quantpipe("run", recipe, "--artifacts", art, "--allow-code-execution")
-    assert "fp8: stage 0 'fp8' reused" in r.stderr
+    assert "build fp8[0] fp8: reused" in r.stderr
     for p, mtime in done.items():
         assert p.stat().st_mtime_ns == mtime, f"{p} was redone"
     assert not list((art / "tiny").rglob(".*.tmp-*"))
@@ -160,23 +172,28 @@ def test_second_run_on_same_folder_names_the_holder(tiny_model, data_dir, tmp_pa
     threading.Timer(3.0, lambda: lock.__exit__(None, None, None)).start()
     t0 = time.time()
     r = quantpipe("run", recipe, "--artifacts", tmp_path / "art", "--variant", "fp8", "--wait")
-    assert time.time() - t0 > 3.0 and "fp8: running stage 0" in r.stderr
+    assert time.time() - t0 > 3.0 and "build fp8[0] fp8: " in r.stderr and "build fp8[0] fp8: reused" not in r.stderr
 
 
 def test_failing_variant_is_marked_and_others_finish(tiny_model, data_dir, tmp_path):
     # A calibration file that disappears after validation makes only the calibrated stage fail.
     calib = tmp_path / "calib.txt"
     calib.write_text("some text\n\nmore text")
-    recipe = write_recipe(tmp_path, tiny_model, data_dir, tasks={"humaneval": None, "mmlu": None},
-                          variants={"gptq-4bit": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_model,
+        data_dir,
+        tasks={"humaneval": None, "mmlu": None},
+        variants={"gptq-4bit": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]},
+    )
     data = yaml.safe_load(recipe.read_text())
     data["calibration"]["dataset"] = str(tmp_path / "gone.txt")
     recipe.write_text(yaml.safe_dump(data))
     r = quantpipe("run", recipe, "--artifacts", tmp_path / "art")
     t = json.loads((tmp_path / "art" / "tiny" / "report" / "degradation.json").read_text())
-    rows = {e["row"]: e for e in t["rows"]}
-    assert "calibration file not found" in rows["gptq-4bit"]["error"] and not rows["gptq-4bit"]["benchmarks"]
-    assert rows["fp8"]["error"] is None and set(rows["fp8"]["benchmarks"]) == {"GSM8K", "TruthfulQA"}
+    rows = {r["name"]: r for r in t["rows"]}
+    assert "calibration file not found" in rows["gptq-4bit"]["error"] and not rows["gptq-4bit"]["cells"]
+    assert rows["fp8"]["error"] is None and set(rows["fp8"]["cells"]) == {"GSM8K", "TruthfulQA"}
     assert "gptq-4bit: FAILED" in r.stderr
 
 
@@ -186,15 +203,30 @@ def test_html_report_renders_with_plots_in_headless_chromium(finished, tmp_path)
     _, _, root, _ = finished
     page = root / "report" / "report.html"
     text = page.read_text()
-    assert text.count("<svg class=\"plot\"") == 4 and "http" not in text.replace("http-equiv", "")  # no network needed
+    assert text.count('<svg class="plot"') == 4 and "http" not in text.replace("http-equiv", "")  # no network needed
     assert (root / "report" / "model-cards" / "fp8.md").read_text().startswith("## Quantization quality: fp8")
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if not browser:
         pytest.skip("no headless Chromium on this machine (.ci/run installs Debian's chromium)")
     shot = tmp_path / "report.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                    "--window-size=1400,1200", f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,1200",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     img = Image.open(shot).convert("RGB")
@@ -218,8 +250,11 @@ def test_killed_at_random_points_then_resumed(finished, tiny_model, data_dir, tm
     finished_files: dict[Path, int] = {}
     kills = 0
     for _ in range(5):
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", recipe, "--artifacts", art, "--allow-code-execution"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.15, 0.5) * ref.seconds)
         if proc.poll() is not None:
             break
@@ -228,8 +263,7 @@ def test_killed_at_random_points_then_resumed(finished, tiny_model, data_dir, tm
         kills += 1
         for p, mtime in finished_files.items():
             assert p.stat().st_mtime_ns == mtime, f"{p} was redone after a kill"
-        finished_files.update({p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("*.json")
-                               if p.name == "manifest.json" or p.parent.name == "eval"})
+        finished_files.update({p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("manifest.json")})
     r = quantpipe("run", recipe, "--artifacts", art, "--allow-code-execution")
     for p, mtime in finished_files.items():
         assert p.stat().st_mtime_ns == mtime, f"{p} was redone"

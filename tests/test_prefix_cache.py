@@ -10,8 +10,10 @@ from pipeline.backends.prefix_cache import PrefixCachingHFLM, plan_groups
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.integers(0, 11)),
-                min_size=1, max_size=30), st.integers(1, 4))
+@given(
+    st.lists(st.tuples(st.lists(st.integers(0, 2), min_size=1, max_size=12), st.integers(0, 11)), min_size=1, max_size=30),
+    st.integers(1, 4),
+)
 def test_groups_partition_requests_and_prefixes_are_shared_and_before_every_start(items, min_shared):
     seqs = [tuple(s) for s, _ in items]
     starts = [min(k, len(s) - 1) for s, k in zip(seqs, (k for _, k in items))]
@@ -52,9 +54,8 @@ def tiny_lms(tiny_model):
 
 def _requests(n_items=5):
     """Few-shot style: one long shared preamble, several questions, several answers each."""
-    from lm_eval.api.instance import Instance
-
     from helpers import FIXED_TEXT
+    from lm_eval.api.instance import Instance
 
     reqs = []
     for q in range(n_items):
@@ -111,11 +112,21 @@ def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_
 
     stock = tiny_lms[0]
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
-    ours = PrefixCachingHFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_model), batch_size=3,
-                             device="cpu", max_length=512, share_prefixes=False)
+    ours = PrefixCachingHFLM(
+        pretrained=model,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model),
+        batch_size=3,
+        device="cpu",
+        max_length=512,
+        share_prefixes=False,
+    )
     reqs = _requests()
-    with _Count(model.model) as body, _Count(model.lm_head) as head, \
-            _Count(stock.model.model) as stock_body, _Count(stock.model.lm_head) as stock_head:
+    with (
+        _Count(model.model) as body,
+        _Count(model.lm_head) as head,
+        _Count(stock.model.model) as stock_body,
+        _Count(stock.model.lm_head) as stock_head,
+    ):
         got = ours.loglikelihood(reqs)
         want = stock.loglikelihood(reqs)
     _assert_same_answers(got, want)
@@ -125,9 +136,8 @@ def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_
 
 
 def test_rolling_loglikelihood_matches_stock(tiny_lms):
-    from lm_eval.api.instance import Instance
-
     from helpers import FIXED_TEXT
+    from lm_eval.api.instance import Instance
 
     stock, ours, _ = tiny_lms
     reqs = [Instance("loglikelihood_rolling", {}, (FIXED_TEXT * 3,), idx=0)]
@@ -137,9 +147,9 @@ def test_rolling_loglikelihood_matches_stock(tiny_lms):
 def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny_lms):
     """Greedy generate_until with the appending KV cache gives exactly stock HFLM's text, for a
     batch of prompts of different lengths (left padding) run past the cache's first capacity."""
+    from helpers import FIXED_TEXT
     from lm_eval.api.instance import Instance
 
-    from helpers import FIXED_TEXT
     from pipeline.backends.prefix_cache import append_cache
 
     stock, ours, model = tiny_lms
@@ -163,20 +173,19 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
 def test_generation_stops_once_every_row_text_is_settled(tiny_lms):
     """Rows that end on different stop strings: stock runs the batch to the token cap (no single
     stop string is in every row); ours stops when each row's cut is final, with the same texts."""
-    from lm_eval.api.instance import Instance
-
     from helpers import FIXED_TEXT
+    from lm_eval.api.instance import Instance
 
     stock, ours, model = tiny_lms
     prompts = [FIXED_TEXT[: 60 + 30 * i] for i in range(3)]
-    probe = stock.generate_until([Instance("generate_until", {}, (p, {"until": ["\x00"], "max_gen_toks": 60}), idx=i)
-                                  for i, p in enumerate(prompts)])
+    probe = stock.generate_until(
+        [Instance("generate_until", {}, (p, {"until": ["\x00"], "max_gen_toks": 60}), idx=i) for i, p in enumerate(prompts)]
+    )
     # one stop string per row, from its own text at different depths and absent from the others
     stops = []
     for i, text in enumerate(probe):
         others = [t for j, t in enumerate(probe) if j != i]
-        stops.append(next(text[k:k + 3] for k in range(8 + 6 * i, len(text) - 3)
-                          if not any(text[k:k + 3] in o for o in others)))
+        stops.append(next(text[k : k + 3] for k in range(8 + 6 * i, len(text) - 3) if not any(text[k : k + 3] in o for o in others)))
     gen = {"until": stops, "max_gen_toks": 60, "do_sample": False}
     reqs = [Instance("generate_until", {}, (p, gen), idx=i) for i, p in enumerate(prompts)]
     with _Count(model.model) as ours_steps, _Count(stock.model.model) as stock_steps:

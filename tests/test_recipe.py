@@ -78,8 +78,9 @@ def test_stage_order_that_cannot_work():
     assert e.field == "variants.chain[1].stage" and "reorder" in str(e)
 
 
-@pytest.mark.parametrize("source", ["openai/gsm8k", "cais/mmlu", "../shared/data/gsm8k/train.jsonl",
-                                    "/data/truthfulqa/generation/validation.jsonl"])
+@pytest.mark.parametrize(
+    "source", ["openai/gsm8k", "cais/mmlu", "../shared/data/gsm8k/train.jsonl", "/data/truthfulqa/generation/validation.jsonl"]
+)
 def test_calibration_on_evaluation_data_is_refused(source):
     e = bad(lambda d: d.update(calibration={"dataset": source}))
     assert e.field == "calibration.dataset" and "evaluation set" in str(e)
@@ -104,8 +105,9 @@ def test_unknown_suite_and_task():
 
 
 def test_recipe_overrides_suite_and_null_drops_task():
-    r = parse_recipe(copy.deepcopy(GOOD) | {"eval": {"suite": "smoke", "batch_size": 2,
-                                                     "tasks": {"gsm8k": {"limit": 5}, "humaneval": None}}})
+    r = parse_recipe(
+        copy.deepcopy(GOOD) | {"eval": {"suite": "smoke", "batch_size": 2, "tasks": {"gsm8k": {"limit": 5}, "humaneval": None}}}
+    )
     batch, tasks = resolve_tasks(r)
     assert batch == 2 and "humaneval" not in tasks
     assert tasks["gsm8k"].limit == 5 and tasks["gsm8k"].max_gen_toks == 16  # suite value kept
@@ -135,7 +137,9 @@ def test_group_size_must_divide_layer_widths(tiny_model):
 
 # Generated recipes: the validator answers with a RecipeError/QuantpipeError or a Recipe, never a traceback.
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.text(max_size=8), st.floats(allow_nan=False))
-values = st.recursive(scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)), max_leaves=8)
+values = st.recursive(
+    scalars, lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)), max_leaves=8
+)
 stage_specs = st.fixed_dictionaries(
     {"stage": st.one_of(st.sampled_from(["fp8", "awq", "gptq", "nope"]), scalars)},
     optional={"bits": values, "group_size": values, "scheme": values, "backend": values, "junk": values},
@@ -145,7 +149,9 @@ recipes = st.fixed_dictionaries(
     optional={
         "name": st.one_of(st.text(max_size=10), scalars),
         "model": st.one_of(st.fixed_dictionaries({"id": st.text(max_size=10)}, optional={"dtype": values}), values),
-        "variants": st.one_of(st.dictionaries(st.text(max_size=6), st.one_of(st.lists(stage_specs, max_size=3), values), max_size=3), values),
+        "variants": st.one_of(
+            st.dictionaries(st.text(max_size=6), st.one_of(st.lists(stage_specs, max_size=3), values), max_size=3), values
+        ),
         "calibration": st.one_of(st.fixed_dictionaries({}, optional={"dataset": st.text(max_size=12), "num_samples": values}), values),
         "eval": values,
         "extra": values,
@@ -165,9 +171,14 @@ def test_validator_never_tracebacks(data):
         r.stages(name)
 
 
-def test_yaml_roundtrip_of_repo_recipe_is_stable():
-    data = yaml.safe_load(open("recipes/smollm2-135m.yaml"))
-    assert parse_recipe(data).model_dump() == parse_recipe(copy.deepcopy(data)).model_dump()
+def test_repo_recipe_survives_a_yaml_roundtrip_of_its_validated_form():
+    """Dump the validated recipe back to YAML and parse that: nothing is lost or changed (stage
+    params, gate, eval settings), so recipe.json and Ray workers rebuild the same recipe."""
+    first = parse_recipe(yaml.safe_load(open("recipes/smollm2-135m.yaml")))
+    again = parse_recipe(yaml.safe_load(yaml.safe_dump(first.model_dump(mode="json"))))
+    assert again.model_dump() == first.model_dump()
+    assert again.variants["gptq-4bit"][0].params_dict() == {"bits": 4, "group_size": 64}
+    assert [s.stage for s in again.variants["awq+tq-kv-3.5bit"]] == ["awq", "turboquant"]
 
 
 def test_builtin_calibration_corpus_does_not_depend_on_what_the_process_imported():
@@ -176,12 +187,21 @@ def test_builtin_calibration_corpus_does_not_depend_on_what_the_process_imported
     import subprocess
     import sys
 
-    code = ("import sys, hashlib; {pre}; from pipeline.calibration import _python_docs; "
-            "print(hashlib.sha256(repr(_python_docs()).encode()).hexdigest())")
+    code = (
+        "import sys, hashlib; {pre}; from pipeline.calibration import _python_docs; "
+        "print(hashlib.sha256(repr(_python_docs()).encode()).hexdigest())"
+    )
     plain = subprocess.run([sys.executable, "-c", code.format(pre="pass")], capture_output=True, text=True, check=True)
-    loaded = subprocess.run([sys.executable, "-c", code.format(
-        pre="import email.feedparser, logging.handlers, typing; typing._collect_parameters = lambda a: ()")],
-        capture_output=True, text=True, check=True)
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code.format(pre="import email.feedparser, logging.handlers, typing; typing._collect_parameters = lambda a: ()"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert plain.stdout.strip() and plain.stdout == loaded.stdout
 
 
@@ -191,8 +211,14 @@ def test_calibrated_stage_keys_follow_the_calibration_text(tmp_path):
 
     text = tmp_path / "calib.txt"
     text.write_text("some calibration text\n")
-    recipe = parse_recipe({"name": "x", "model": {"id": "m"}, "calibration": {"dataset": str(text)},
-                           "variants": {"g": [{"stage": "gptq"}], "f": [{"stage": "fp8"}]}})
+    recipe = parse_recipe(
+        {
+            "name": "x",
+            "model": {"id": "m"},
+            "calibration": {"dataset": str(text)},
+            "variants": {"g": [{"stage": "gptq"}], "f": [{"stage": "fp8"}]},
+        }
+    )
     before = calibration_fingerprint(recipe)
     text.write_text("other calibration text\n")
     assert calibration_fingerprint(recipe) != before

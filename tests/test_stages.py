@@ -11,15 +11,15 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from conftest import build_tiny_model
 from helpers import mean_kl, token_logprobs
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from pipeline.backends import load as load_for_eval
 from pipeline.calibration import load_calibration
 from pipeline.recipe import parse_recipe
-from pipeline.stages.registry import get_stage
 from pipeline.stages.base import Artifact, StageContext
+from pipeline.stages.registry import get_stage
 
 # Measured on this tiny model: FP8 ~0.002, W4 g128 0.013-0.021, an unrelated random model ~0.39.
 KL_BOUND = 0.04
@@ -34,8 +34,14 @@ def base(tiny_model):
 
 @pytest.fixture(scope="module")
 def ctx(tiny_model):
-    r = parse_recipe({"name": "t", "model": {"id": str(tiny_model)}, "variants": {"x": [{"stage": "fp8"}]},
-                      "calibration": {"num_samples": 16, "seq_len": 64}})
+    r = parse_recipe(
+        {
+            "name": "t",
+            "model": {"id": str(tiny_model)},
+            "variants": {"x": [{"stage": "fp8"}]},
+            "calibration": {"num_samples": 16, "seq_len": 64},
+        }
+    )
     texts = load_calibration(r)
     return StageContext(lambda: texts, 64, 0)
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers import FIXED_TEXT, mean_kl, token_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import FIXED_TEXT, mean_kl, token_logprobs
 from pipeline.backends.hf import apply_runtime_patches
 from pipeline.recipe import parse_recipe
-from pipeline.stages.registry import get_stage
 from pipeline.stages.base import Artifact
+from pipeline.stages.registry import get_stage
 from pipeline.turboquant import PAPER_MSE, KVConfig, apply_kv_cache, lloyd_max_codebook, mse_bound, quantize_mse, quantize_prod
 
 
@@ -82,14 +82,26 @@ def test_engine_mode_moves_decoding(tiny_model):
 
 
 def test_kv_stage_composes_after_a_weight_stage_and_reports_bits(tiny_model, tmp_path):
-    r = parse_recipe({"name": "t", "model": {"id": "a/b"}, "variants": {
-        "gptq+tq": [{"stage": "gptq"}, {"stage": "turboquant", "preset": "turboquant_k3v4_nc", "skip_layers": []}],
-        "tq-weights": [{"stage": "turboquant", "target": "weights", "bits": 4}]}})
+    r = parse_recipe(
+        {
+            "name": "t",
+            "model": {"id": "a/b"},
+            "variants": {
+                "gptq+tq": [{"stage": "gptq"}, {"stage": "turboquant", "preset": "turboquant_k3v4_nc", "skip_layers": []}],
+                "tq-weights": [{"stage": "turboquant", "target": "weights", "bits": 4}],
+            },
+        }
+    )
     tq = r.stages("gptq+tq")[1]
     assert tq.output_format("compressed-tensors") == "compressed-tensors"
     with pytest.raises(Exception, match="takes hf input"):
-        parse_recipe({"name": "t", "model": {"id": "a/b"}, "variants": {
-            "bad": [{"stage": "gptq"}, {"stage": "turboquant", "target": "weights"}]}})
+        parse_recipe(
+            {
+                "name": "t",
+                "model": {"id": "a/b"},
+                "variants": {"bad": [{"stage": "gptq"}, {"stage": "turboquant", "target": "weights"}]},
+            }
+        )
     out = tq.run(Artifact(tiny_model, "hf", key="k", bits=None), tmp_path, None)
     assert "KV k3v4" in out.bits and out.meta["kv_bits_per_element"] == pytest.approx((3 + 16 / 64 + 4 + 32 / 64) / 2)
     model = AutoModelForCausalLM.from_pretrained(out.path)

@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 import pytest
-
 from test_pipeline import quantpipe, table_numbers, write_recipe
 
 TASKS = {"humaneval": None, "gsm8k": None, "truthfulqa_mc1": None}
@@ -38,5 +37,5 @@ def test_vllm_rows_agree_with_the_transformers_rows(tiny_model, data_dir, tmp_pa
         for bench in hf[row]:
             assert vl[row][bench][1] == hf[row][bench][1]  # same items
             assert vl[row][bench][0] == pytest.approx(hf[row][bench][0], abs=0.08)  # other kernels, same model
-    rec = json.loads((tmp_path / "vllm" / "tiny" / "fp8" / "eval" / "mmlu.json").read_text())
+    rec = json.loads((tmp_path / "vllm" / "tiny" / "fp8" / "eval" / "mmlu" / "manifest.json").read_text())["meta"]
     assert rec["engine"] == "vllm" and "vLLM" in rec["evaluated_as"]

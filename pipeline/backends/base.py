@@ -62,8 +62,9 @@ def available_backends() -> dict[str, object]:
 def _load_class(ep) -> type[Backend]:
     cls = ep.load()
     if getattr(cls, "name", None) != ep.name:
-        raise QuantpipeError(f"entry point '{ep.name}' ({ep.value}) loads a backend whose .name is "
-                             f"{getattr(cls, 'name', None)!r}; they must match")
+        raise QuantpipeError(
+            f"entry point '{ep.name}' ({ep.value}) loads a backend whose .name is {getattr(cls, 'name', None)!r}; they must match"
+        )
     return cls
 
 
@@ -76,8 +77,10 @@ def backend_for(fmt: str, engine: str = DEFAULT_ENGINE) -> type[Backend]:
             if cls.engine == want and fmt in cls.formats:
                 return cls
     known = ", ".join(sorted({f for c in classes for f in c.formats})) or "none"
-    raise QuantpipeError(f"no evaluation backend for artifact format '{fmt}' (registered formats: {known}); "
-                         f"a plug-in stage that writes it must also register a '{GROUP}' entry point")
+    raise QuantpipeError(
+        f"no evaluation backend for artifact format '{fmt}' (registered formats: {known}); "
+        f"a plug-in stage that writes it must also register a '{GROUP}' entry point"
+    )
 
 
 def load(art: Artifact, dtype: str, batch_size: int, engine: str = DEFAULT_ENGINE, max_length: int = 4096) -> LoadedModel:

@@ -105,10 +105,15 @@ def _lm(model, art: Artifact, batch_size: int, max_length: int):
     torch.manual_seed(SEEDS["torch_random_seed"])
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
     if art.meta.get("runtime_patches"):
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-                    max_length=min(limit, max_length))
-    return PrefixCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-                             max_length=min(limit, max_length), share_prefixes=not _dynamic_activations(art.path))
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", max_length=min(limit, max_length))
+    return PrefixCachingHFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device="cpu",
+        max_length=min(limit, max_length),
+        share_prefixes=not _dynamic_activations(art.path),
+    )
 
 
 class _TorchBackend(Backend):

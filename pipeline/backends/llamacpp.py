@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 from lm_eval import utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.models.utils import _add_special_kwargs, handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    _add_special_kwargs,
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from tqdm import tqdm
 
 from ..evaluation import SEEDS
@@ -41,8 +47,15 @@ class LlamaCppLM(TemplateLM):
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
-            model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=True,
-            n_threads=os.cpu_count() or 1, n_threads_batch=os.cpu_count() or 1, verbose=False, seed=SEEDS["torch_random_seed"],
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_ubatch=512,
+            logits_all=True,
+            n_threads=os.cpu_count() or 1,
+            n_threads_batch=os.cpu_count() or 1,
+            verbose=False,
+            seed=SEEDS["torch_random_seed"],
         )
         self.tokenizer = tokenizer
         self.add_bos_token = None  # as lm-eval's HF model by default: the tokenizer decides
@@ -98,9 +111,9 @@ class LlamaCppLM(TemplateLM):
         for i in tqdm(order, disable=disable_tqdm, desc="llama.cpp loglikelihood"):
             key, ctx, cont = requests[i]
             # as HFLM: the model sees (context + continuation) minus its last token, truncated on the left
-            whole = (ctx + cont)[-(self._max_length + 1):]
+            whole = (ctx + cont)[-(self._max_length + 1) :]
             inp = whole[:-1]
-            rows = _log_softmax(self.logits(inp)[len(inp) - len(cont):])
+            rows = _log_softmax(self.logits(inp)[len(inp) - len(cont) :])
             target = np.array(cont)
             logprob = float(rows[np.arange(len(cont)), target].sum())
             greedy = bool((rows.argmax(-1) == target).all())
@@ -112,9 +125,17 @@ class LlamaCppLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="llama.cpp rolling"):
-            windows = list(map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)))
+            windows = list(
+                map(
+                    utils.make_disjoint_window,
+                    utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(string),
+                        prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length,
+                        context_len=1,
+                    ),
+                )
+            )
             nll = self._loglikelihood_tokens([(None, c, t) for c, t in windows], disable_tqdm=True)
             total = sum(x[0] for x in nll)
             out.append(total)

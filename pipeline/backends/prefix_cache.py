@@ -75,20 +75,21 @@ def plan_groups(seqs: list[tuple], starts: list[int], min_shared: int = MIN_SHAR
     return [(p if len(m) > 1 else 0, m) for p, m in groups]
 
 
-def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                     is_causal=None, **kwargs):
+def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' SDPA attention, with GQA key/value heads read in place on CPU."""
     groups = getattr(module, "num_key_value_groups", 1)
     if query.device.type != "cpu" or groups == 1 or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     # the rest of sdpa_attention_forward's CPU path, with enable_gqa instead of repeat_kv
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = query.shape[2] > 1 and attention_mask is None and is_causal
     if is_causal and key.shape[2] > query.shape[2]:
-        key, value = key[:, :, :query.shape[2]], value[:, :, :query.shape[2]]
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                                           scale=scaling, is_causal=is_causal, enable_gqa=True)
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal, enable_gqa=True
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -110,8 +111,7 @@ class AppendLayer(DynamicLayer):
         ours = buf is not None and self.keys.data_ptr() == buf[0].data_ptr() and self.keys.shape[0] == buf[0].shape[0]
         if not ours or n > buf[0].shape[-2]:
             b, h, _, d = key_states.shape
-            buf = tuple(torch.empty((b, h, max(2 * n, n + 256), d), dtype=key_states.dtype, device=key_states.device)
-                        for _ in range(2))
+            buf = tuple(torch.empty((b, h, max(2 * n, n + 256), d), dtype=key_states.dtype, device=key_states.device) for _ in range(2))
             if n0:
                 buf[0][..., :n0, :] = self.keys
                 buf[1][..., :n0, :] = self.values
@@ -154,7 +154,7 @@ class RowsSettled(StoppingCriteria):
         return bool(cuts) and len(text) - min(cuts) >= self.reach
 
     def __call__(self, input_ids, scores, **kwargs) -> bool:
-        generated = input_ids[:, self.prompt_len:].tolist()
+        generated = input_ids[:, self.prompt_len :].tolist()
         for row, tokens in enumerate(generated):
             if row not in self.settled and self._row_settled(tokens):
                 self.settled.add(row)
@@ -190,10 +190,15 @@ class PrefixCachingHFLM(HFLM):
         if self.causal:
             eos = generation_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
             criteria.append(RowsSettled(self.tokenizer, stop, context.shape[1], eos, self.tokenizer.pad_token_id))
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                            enabled=self.mixed_precision_dtype is not None):
-            return self.model.generate(input_ids=context, max_length=max_length, stopping_criteria=criteria,
-                                       pad_token_id=self.tokenizer.pad_token_id, use_cache=True, **generation_kwargs)
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
+            return self.model.generate(
+                input_ids=context,
+                max_length=max_length,
+                stopping_criteria=criteria,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                **generation_kwargs,
+            )
 
     def _read_windows(self, requests) -> tuple[list[tuple], list[list[int]], dict[tuple, int]]:
         """Model inputs exactly as stock HFLM builds them (left-truncated to max_length, last token
@@ -202,7 +207,7 @@ class PrefixCachingHFLM(HFLM):
         inputs, conts = [], []
         for _, ctx, cont in requests:
             assert len(ctx) > 0 and 0 < len(cont) <= self.max_length
-            inputs.append(tuple((ctx + cont)[-(self.max_length + 1):][:-1]))
+            inputs.append(tuple((ctx + cont)[-(self.max_length + 1) :][:-1]))
             conts.append(cont)
         first: dict[tuple, int] = {}
         for inp, cont in zip(inputs, conts):
@@ -228,13 +233,13 @@ class PrefixCachingHFLM(HFLM):
             # batch by length, longest first (as stock lm-eval does)
             members = sorted(members, key=lambda i: -len(seqs[i]))
             for b in range(0, len(members), self.batch_size):
-                batch = members[b:b + self.batch_size]
+                batch = members[b : b + self.batch_size]
                 rows = self._suffix_logprobs([seqs[i] for i in batch], [starts[i] for i in batch], prefix_len, cache)
                 for i, row in zip(batch, rows):
                     logprobs[seqs[i]] = row
         res = []
         for (request_str, _, _), inp, cont in zip(requests, inputs, conts):
-            window = logprobs[inp][-len(cont):]  # rows predicting the continuation tokens
+            window = logprobs[inp][-len(cont) :]  # rows predicting the continuation tokens
             cont_t = torch.tensor(cont, dtype=torch.long)
             answer = (float(window.gather(1, cont_t[:, None]).sum()), bool((window.argmax(-1) == cont_t).all()))
             res.append(answer)
@@ -249,8 +254,10 @@ class PrefixCachingHFLM(HFLM):
         keep = self._tail_needed(inps) if self._read_from is not None and attn_mask is None and labels is None else 0
         if not keep:
             return super()._model_call(inps, attn_mask, labels)
-        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
-                                             enabled=self.mixed_precision_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None),
+        ):
             return self.model(inps, logits_to_keep=keep).logits
 
     def _tail_needed(self, inps) -> int:
@@ -286,7 +293,7 @@ class PrefixCachingHFLM(HFLM):
         width = max(len(s) for s in suffixes)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right padding: causal, so inert
         for r, s in enumerate(suffixes):
-            ids[r, :len(s)] = torch.tensor(s)
+            ids[r, : len(s)] = torch.tensor(s)
         first = min(st - prefix_len for st in starts)
         keep = torch.arange(first, width)
         past = None
@@ -295,8 +302,8 @@ class PrefixCachingHFLM(HFLM):
             if len(seqs) > 1:
                 past.batch_repeat_interleave(len(seqs))
         with torch.no_grad():
-            logits = self.model(ids.to(self.device), past_key_values=past, use_cache=past is not None,
-                                logits_to_keep=keep.to(self.device)).logits
+            logits = self.model(
+                ids.to(self.device), past_key_values=past, use_cache=past is not None, logits_to_keep=keep.to(self.device)
+            ).logits
         logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype).cpu()
-        return [logp[r, st - prefix_len - first:len(s) - first]
-                for r, (s, st) in enumerate(zip(suffixes, starts))]
+        return [logp[r, st - prefix_len - first : len(s) - first] for r, (s, st) in enumerate(zip(suffixes, starts))]

@@ -26,8 +26,10 @@ def gpu_name() -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise QuantpipeError("eval engine 'vllm' needs a CUDA GPU and this machine has none; "
-                             "use the default engine (transformers / GPTQModel / llama.cpp on CPU)")
+        raise QuantpipeError(
+            "eval engine 'vllm' needs a CUDA GPU and this machine has none; "
+            "use the default engine (transformers / GPTQModel / llama.cpp on CPU)"
+        )
     if importlib.util.find_spec("vllm") is None:
         raise QuantpipeError("eval engine 'vllm' needs the vllm package (pip install vllm, on a CUDA machine)")
     return torch.cuda.get_device_name()
@@ -49,11 +51,19 @@ class VLLMBackend(Backend):
         gpu = gpu_name()
         options = (art.meta.get("engine_options") or {}).get("vllm") or {}
         if art.meta.get("runtime_patches") and not options:
-            raise QuantpipeError(f"{art.path} needs a runtime patch ({art.meta['runtime_patches'][0]['entry']}) "
-                                 "that vLLM cannot apply; evaluate it with the default engine")
-        kwargs = {"pretrained": str(art.path), "dtype": dtype if art.format == "hf" else "auto",
-                  "batch_size": batch_size, "max_model_len": max_length, "seed": SEEDS["torch_random_seed"],
-                  "gpu_memory_utilization": 0.85, **options}
+            raise QuantpipeError(
+                f"{art.path} needs a runtime patch ({art.meta['runtime_patches'][0]['entry']}) "
+                "that vLLM cannot apply; evaluate it with the default engine"
+            )
+        kwargs = {
+            "pretrained": str(art.path),
+            "dtype": dtype if art.format == "hf" else "auto",
+            "batch_size": batch_size,
+            "max_model_len": max_length,
+            "seed": SEEDS["torch_random_seed"],
+            "gpu_memory_utilization": 0.85,
+            **options,
+        }
         try:
             lm = VLLM(**kwargs)
         except Exception as e:  # noqa: BLE001 - vLLM raises many types; the message names the problem

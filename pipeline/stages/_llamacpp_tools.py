@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import QuantpipeError
 
-_WRAPPER = r'''
+_WRAPPER = r"""
 import os, runpy, sys
 tool = sys.argv.pop(1)
 sys.path[:0] = [tool, os.path.join(tool, "gguf-py")]
@@ -35,7 +35,7 @@ if override:
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
 sys.argv[0] = os.path.join(tool, "convert_hf_to_gguf.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+"""
 
 
 def tools_dir() -> Path:
@@ -51,8 +51,11 @@ def converter() -> Path:
     ver = version("llama-cpp-python")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            "-d", tmp, f"llama-cpp-python=={ver}"], capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp, f"llama-cpp-python=={ver}"],
+            capture_output=True,
+            text=True,
+        )
         sdists = list(Path(tmp).glob("*.tar.gz"))
         if r.returncode or not sdists:
             raise QuantpipeError(f"could not fetch the llama-cpp-python {ver} sdist for its GGUF converter: {r.stderr[-300:]}")
@@ -61,7 +64,7 @@ def converter() -> Path:
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         with tarfile.open(sdists[0]) as tar:
             for m in tar.getmembers():
-                rel = m.name[len(prefix):] if m.name.startswith(prefix) else None
+                rel = m.name[len(prefix) :] if m.name.startswith(prefix) else None
                 if rel and rel.startswith(wanted) and (m.isfile() or m.isdir()):
                     m.name = rel
                     tar.extract(m, out, filter="data")
@@ -77,9 +80,24 @@ def convert(hf_dir: Path, out_file: Path, outtype: str, pre_tokenizer: str | Non
     env = dict(os.environ)
     if pre_tokenizer:
         env["QUANTPIPE_GGUF_PRE_TOKENIZER"] = pre_tokenizer
-    r = subprocess.run([sys.executable, str(tool / "quantpipe_convert.py"), str(tool), str(hf_dir),
-                        "--outfile", str(out_file), "--outtype", outtype], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(tool / "quantpipe_convert.py"),
+            str(tool),
+            str(hf_dir),
+            "--outfile",
+            str(out_file),
+            "--outtype",
+            outtype,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if r.returncode or not out_file.is_file():
         tail = "\n".join(r.stderr.strip().splitlines()[-6:])
-        hint = " (set the stage's pre_tokenizer, e.g. gpt-2, for a tokenizer llama.cpp does not know)" if "pre-tokenizer" in r.stderr else ""
+        hint = (
+            " (set the stage's pre_tokenizer, e.g. gpt-2, for a tokenizer llama.cpp does not know)" if "pre-tokenizer" in r.stderr else ""
+        )
         raise QuantpipeError(f"convert_hf_to_gguf failed for {hf_dir}{hint}:\n{tail}")

@@ -26,8 +26,7 @@ def check_group_size(p: WeightOnlyParams, model: ModelInfo) -> None:
     for what, width in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size)):
         if width % p.group_size:
             raise ValueError(
-                f"group_size {p.group_size} does not divide the model's {what} ({width}); "
-                f"use a divisor of {width} or -1 (per channel)"
+                f"group_size {p.group_size} does not divide the model's {what} ({width}); use a divisor of {width} or -1 (per channel)"
             )
 
 
@@ -36,9 +35,12 @@ def int_weight_scheme(p: WeightOnlyParams, symmetric: bool, actorder: str | None
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(
-        num_bits=p.bits, type="int", symmetric=symmetric,
+        num_bits=p.bits,
+        type="int",
+        symmetric=symmetric,
         strategy="group" if p.group_size > 0 else "channel",
-        group_size=p.group_size if p.group_size > 0 else None, actorder=actorder,
+        group_size=p.group_size if p.group_size > 0 else None,
+        actorder=actorder,
     )
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 

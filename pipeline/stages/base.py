@@ -7,9 +7,10 @@ never leaves a half-written artifact that looks complete.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 

@@ -18,14 +18,22 @@ from pydantic import field_validator
 
 from .base import Artifact, ModelInfo, Stage, StageContext, StageParams
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "generation_config.json", "config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "config.json",
+)
 
 
 def ftype_names() -> list[str]:
     import llama_cpp
 
-    return sorted(n[len("LLAMA_FTYPE_MOSTLY_"):] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+    return sorted(n[len("LLAMA_FTYPE_MOSTLY_") :] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
 
 
 class GGUFParams(StageParams):
@@ -66,8 +74,12 @@ def tensor_report(path: Path) -> dict:
         nbytes += int(t.n_bytes)
         if len(t.shape) >= 2 and int(t.shape[0]) > 1 and int(t.shape[1]) > 1:
             weight_types[t.tensor_type.name] += 1
-    return {"tensor_types": dict(types), "matrix_types": dict(weight_types), "n_tensors": len(reader.tensors),
-            "bits_per_weight": round(8 * nbytes / elements, 3)}
+    return {
+        "tensor_types": dict(types),
+        "matrix_types": dict(weight_types),
+        "n_tensors": len(reader.tensors),
+        "bits_per_weight": round(8 * nbytes / elements, 3),
+    }
 
 
 class GGUFStage(Stage):
@@ -110,7 +122,6 @@ class GGUFStage(Stage):
         # k-quants need rows that are multiples of 256; narrower matrices fall back to legacy types.
         wanted_k = "_K" in p.type
         report["fallback_matrices"] = sum(
-            n for t, n in report["matrix_types"].items()
-            if (("_K" not in t and not t.startswith(("F", "BF"))) if wanted_k else t != p.type)
+            n for t, n in report["matrix_types"].items() if (("_K" not in t and not t.startswith(("F", "BF"))) if wanted_k else t != p.type)
         )
         return Artifact(out_dir, "gguf", key="", bits=f"GGUF {p.type} ({report['bits_per_weight']:.2f} bpw)", meta=report)

@@ -39,15 +39,16 @@ class GPTQStage(Stage):
         if p.backend == "gptqmodel":
             from gptqmodel import QuantizeConfig
 
-            qc = QuantizeConfig(
-                bits=p.bits, group_size=p.group_size, sym=p.symmetric, desc_act=p.act_order, damp_percent=p.dampening_frac
-            )
+            qc = QuantizeConfig(bits=p.bits, group_size=p.group_size, sym=p.symmetric, desc_act=p.act_order, damp_percent=p.dampening_frac)
             gptqmodel_quantize(inp, out_dir, ctx, qc)
             return Artifact(out_dir, "gptq", key="", bits=bits)
 
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        modifier = GPTQModifier(config_groups=int_weight_scheme(p, p.symmetric, "static" if p.act_order else None),
-                                ignore=p.ignore, dampening_frac=p.dampening_frac)
+        modifier = GPTQModifier(
+            config_groups=int_weight_scheme(p, p.symmetric, "static" if p.act_order else None),
+            ignore=p.ignore,
+            dampening_frac=p.dampening_frac,
+        )
         oneshot_to_compressed_tensors(inp, out_dir, ctx, modifier, needs_data=True)
         return Artifact(out_dir, "compressed-tensors", key="", bits=bits)

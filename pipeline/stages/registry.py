@@ -22,7 +22,7 @@ def available_stages() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def get_stage(name: str) -> type["Stage"]:
+def get_stage(name: str) -> type[Stage]:
     eps = available_stages()
     if name not in eps:
         known = ", ".join(sorted(eps)) or "none (is quantpipe installed with `pip install -e .`?)"
@@ -30,7 +30,6 @@ def get_stage(name: str) -> type["Stage"]:
     cls = eps[name].load()
     if getattr(cls, "name", None) != name:
         raise QuantpipeError(
-            f"entry point '{name}' ({eps[name].value}) loads a class whose .name is "
-            f"{getattr(cls, 'name', None)!r}; they must match"
+            f"entry point '{name}' ({eps[name].value}) loads a class whose .name is {getattr(cls, 'name', None)!r}; they must match"
         )
     return cls

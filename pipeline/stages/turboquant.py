@@ -42,8 +42,7 @@ class TurboQuantParams(StageParams):
         from ..turboquant import PRESETS, KVConfig
 
         base = PRESETS[self.preset] if self.preset else KVConfig()
-        fields = {k: v for k, v in self.model_dump().items()
-                  if k in KVConfig.__dataclass_fields__ and v is not None}
+        fields = {k: v for k, v in self.model_dump().items() if k in KVConfig.__dataclass_fields__ and v is not None}
         return KVConfig(**{**base.__dict__, "skip_layers": list(base.skip_layers), **fields})
 
     def preset_unmodified(self) -> bool:
@@ -101,13 +100,23 @@ class TurboQuantStage(Stage):
         eff = cfg.effective_bits(head_dim, text["num_hidden_layers"])
         _link_tree(Path(inp.path), out_dir)
         patches = list(inp.meta.get("runtime_patches", [])) + [
-            {"entry": "pipeline.turboquant:apply_kv_cache", "config": kv_config_dict(cfg)}]
+            {"entry": "pipeline.turboquant:apply_kv_cache", "config": kv_config_dict(cfg)}
+        ]
         label = f"KV k{cfg.key_bits}v{cfg.value_bits} {cfg.mode} ({eff:.2f} b/elt)"
         bits = f"{inp.bits or 'base weights'} + {label}"
-        return Artifact(out_dir, inp.format, key="", bits=bits,
-                        meta={**inp.meta, "runtime_patches": patches, "kv_bits_per_element": round(eff, 3),
-                              # the same cache on vLLM: its --kv-cache-dtype preset (unmodified presets only)
-                              "engine_options": {"vllm": {"kv_cache_dtype": p.preset}} if p.preset_unmodified() else {}})
+        return Artifact(
+            out_dir,
+            inp.format,
+            key="",
+            bits=bits,
+            meta={
+                **inp.meta,
+                "runtime_patches": patches,
+                "kv_bits_per_element": round(eff, 3),
+                # the same cache on vLLM: its --kv-cache-dtype preset (unmodified presets only)
+                "engine_options": {"vllm": {"kv_cache_dtype": p.preset}} if p.preset_unmodified() else {},
+            },
+        )
 
     def _weights(self, inp: Artifact, out_dir: Path) -> Artifact:
         import torch
@@ -126,9 +135,23 @@ class TurboQuantStage(Stage):
         model.save_pretrained(out_dir)
         AutoTokenizer.from_pretrained(inp.path).save_pretrained(out_dir)
         # Stored dequantized (no serving kernel exists for it); the metadata reproduces the codes.
-        (out_dir / "turboquant.json").write_text(json.dumps({
-            "method": "TurboQuant_mse weights (rotation + Lloyd-Max per block)", "bits": p.bits,
-            "block_size": p.block_size, "seed_base": p.seed, "modules": done}, indent=1))
+        (out_dir / "turboquant.json").write_text(
+            json.dumps(
+                {
+                    "method": "TurboQuant_mse weights (rotation + Lloyd-Max per block)",
+                    "bits": p.bits,
+                    "block_size": p.block_size,
+                    "seed_base": p.seed,
+                    "modules": done,
+                },
+                indent=1,
+            )
+        )
         eff = p.bits + 16 / p.block_size
-        return Artifact(out_dir, "hf", key="", bits=f"TQ-W{p.bits} b{p.block_size} ({eff:.2f} bpw, stored dequantized)",
-                        meta={"turboquant_weights": {"bits": p.bits, "block_size": p.block_size}})
+        return Artifact(
+            out_dir,
+            "hf",
+            key="",
+            bits=f"TQ-W{p.bits} b{p.block_size} ({eff:.2f} bpw, stored dequantized)",
+            meta={"turboquant_weights": {"bits": p.bits, "block_size": p.block_size}},
+        )
