@@ -47,8 +47,13 @@ VARIANTS = {  # base + 4 variants, all checkpoints that `lm_eval --model hf` loa
     "gptq-8bit": [{"stage": "gptq", "bits": 8, "group_size": 64}],
 }
 # (task in the record, metric key) compared between the routes; MMLU also per subject.
-METRICS = [("mmlu", "acc,none"), ("truthfulqa_mc2", "acc,none"), ("gsm8k", "exact_match,flexible-extract"),
-           ("gsm8k", "exact_match,strict-match"), ("humaneval", "pass@1,create_test")]
+METRICS = [
+    ("mmlu", "acc,none"),
+    ("truthfulqa_mc2", "acc,none"),
+    ("gsm8k", "exact_match,flexible-extract"),
+    ("gsm8k", "exact_match,strict-match"),
+    ("humaneval", "pass@1,create_test"),
+]
 
 
 def log(msg: str) -> None:
@@ -60,10 +65,15 @@ def write_recipe(work: Path, subsets: dict, data_dir: Path) -> Path:
         "name": "time-to-table",
         "model": {"id": "builtin:smollm2-135m", "dtype": "float32"},
         "calibration": {"dataset": "builtin:python-docs", "num_samples": 64, "seq_len": 256, "seed": 0},
-        "eval": {"suite": "full", "batch_size": BATCH_SIZE, "data_dir": str(data_dir),
-                 "tasks": {"truthfulqa_mc1": None,
-                           **{t: {"limit": n, **({"max_gen_toks": MAX_GEN_TOKS} if t in ("gsm8k", "humaneval") else {})}
-                              for t, n in subsets.items()}}},
+        "eval": {
+            "suite": "full",
+            "batch_size": BATCH_SIZE,
+            "data_dir": str(data_dir),
+            "tasks": {
+                "truthfulqa_mc1": None,
+                **{t: {"limit": n, **({"max_gen_toks": MAX_GEN_TOKS} if t in ("gsm8k", "humaneval") else {})} for t, n in subsets.items()},
+            },
+        },
         "offline": True,
         "variants": VARIANTS,
     }
@@ -111,19 +121,45 @@ def stock_task_dir(task_dir: Path, fewshot: dict[str, int], work: Path) -> Path:
 
 
 def run_stock(rows: dict[str, tuple[Path, str]], task_dir: Path, subsets: dict, work: Path) -> tuple[float, dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "QUANTPIPE_ALLOW_CODE_EXECUTION": "1", "HF_DATASETS_CACHE": str(work / "stock-datasets-cache")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "QUANTPIPE_ALLOW_CODE_EXECUTION": "1",
+        "HF_DATASETS_CACHE": str(work / "stock-datasets-cache"),
+    }
     samples = json.dumps(stock_samples(task_dir, subsets))
     results, total = {}, 0.0
     for row, (path, dtype) in rows.items():
         out = work / "stock" / row
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(work / "stock-datasets-cache", ignore_errors=True)
-        cmd = [str(VENV_BIN / "lm-eval"), "run", "--model", "hf",
-               "--model_args", f"pretrained={path},dtype={dtype},max_length=4096",
-               "--device", "cpu", "--batch_size", str(BATCH_SIZE), "--tasks", ",".join(subsets),
-               "--include_path", str(task_dir), "--samples", samples, "--gen_kwargs", f"max_gen_toks={MAX_GEN_TOKS}",
-               "--seed", "0,1234,1234,1234", "--confirm_run_unsafe_code", "--output_path", str(out)]
+        cmd = [
+            str(VENV_BIN / "lm-eval"),
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={path},dtype={dtype},max_length=4096",
+            "--device",
+            "cpu",
+            "--batch_size",
+            str(BATCH_SIZE),
+            "--tasks",
+            ",".join(subsets),
+            "--include_path",
+            str(task_dir),
+            "--samples",
+            samples,
+            "--gen_kwargs",
+            f"max_gen_toks={MAX_GEN_TOKS}",
+            "--seed",
+            "0,1234,1234,1234",
+            "--confirm_run_unsafe_code",
+            "--output_path",
+            str(out),
+        ]
         t0 = time.time()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         dt = time.time() - t0
@@ -220,8 +256,13 @@ def floor_seconds(run_root: Path, rows, model_dir: Path) -> tuple[float, dict]:
     per_token = 2 * (L * (2 * d * d + 2 * d * kv + 3 * d * f) + d * cfg.vocab_size)  # matmul weights incl. LM head
     flops = (nodes + gen) * per_token + 4 * L * d * attn_ctx  # + QK^T and AV over each position's context
     rate = matmul_rate()
-    return flops / rate, {"distinct_positions": nodes, "generated_tokens": gen, "flops": flops,
-                          "matmul_gflops": rate / 1e9, "flops_per_token": per_token}
+    return flops / rate, {
+        "distinct_positions": nodes,
+        "generated_tokens": gen,
+        "flops": flops,
+        "matmul_gflops": rate / 1e9,
+        "flops_per_token": per_token,
+    }
 
 
 def main() -> int:
@@ -240,9 +281,9 @@ def main() -> int:
     built = quantpipe("build", recipe, "--artifacts", arts).stdout
     sys.path.insert(0, str(ROOT))
     from pipeline.evaluation import prepare_task_dir, resolve_tasks
-    from pipeline.recipe import load_recipe
     from pipeline.models import resolve_model
     from pipeline.offline_data import build_mirrors
+    from pipeline.recipe import load_recipe
 
     base_dir = resolve_model("builtin:smollm2-135m", offline=True)
     rows = {"base": (base_dir, "float32")}
@@ -273,19 +314,31 @@ def main() -> int:
     # probabilities, where summation order shows in the 8th digit; the table prints 3 digits.
     same = worst < 1e-6
     floor, detail = floor_seconds(run_root, rows, base_dir)
-    result = {"subsets": subsets, "rows": list(rows), "stock_s": round(t_stock, 1), "quantpipe_s": round(t_ours, 1),
-              "ratio": round(t_stock / t_ours, 2), "identical": same, "scores": n, "bit_identical": exact, "max_abs_diff": worst,
-              "floor_s": round(floor, 1), **detail, "threads": __import__("torch").get_num_threads()}
+    result = {
+        "subsets": subsets,
+        "rows": list(rows),
+        "stock_s": round(t_stock, 1),
+        "quantpipe_s": round(t_ours, 1),
+        "ratio": round(t_stock / t_ours, 2),
+        "identical": same,
+        "scores": n,
+        "bit_identical": exact,
+        "max_abs_diff": worst,
+        "floor_s": round(floor, 1),
+        **detail,
+        "threads": __import__("torch").get_num_threads(),
+    }
     (work / "result.json").write_text(json.dumps(result, indent=1))
     print(f"items: {subsets} (MMLU: per subject), rows: {', '.join(rows)}")
     print(f"(a) stock, lm-eval CLI per row: {t_stock:8.1f} s")
     print(f"(b) quantpipe run:              {t_ours:8.1f} s   (includes its KL table)")
     print(f"ratio (a)/(b):                  {t_stock / t_ours:8.2f}x")
-    print(f"floor: {detail['distinct_positions']:,} distinct positions + {detail['generated_tokens']:,} generated "
-          f"tokens = {detail['flops'] / 1e12:.2f} TFLOP at {detail['matmul_gflops']:.0f} GFLOP/s matmul "
-          f"= {floor:.1f} s")
-    print(f"scores: {'identical' if same else 'NOT identical'}: {exact} of {n} bit-identical, "
-          f"max |difference| {worst:.1e}")
+    print(
+        f"floor: {detail['distinct_positions']:,} distinct positions + {detail['generated_tokens']:,} generated "
+        f"tokens = {detail['flops'] / 1e12:.2f} TFLOP at {detail['matmul_gflops']:.0f} GFLOP/s matmul "
+        f"= {floor:.1f} s"
+    )
+    print(f"scores: {'identical' if same else 'NOT identical'}: {exact} of {n} bit-identical, max |difference| {worst:.1e}")
     print("\n".join(lines))
     return 0 if same else 1
 

@@ -106,8 +106,9 @@ def _bets(x: np.ndarray, alpha_side: float) -> tuple[np.ndarray, np.ndarray, np.
     return lam, _shift(mu, 0.5), sig2
 
 
-def _log_e(x: np.ndarray, m, alpha_side: float, method: Method,
-           bets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _log_e(
+    x: np.ndarray, m, alpha_side: float, method: Method, bets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative log e-process paths [..., n] at candidate mean m (a scalar or one per leading
     index): `below` tests H0: mean >= m (it grows when the mean is below m), `above` tests
     H0: mean <= m. Both are supermartingales under their (composite) null: each factor is
@@ -185,8 +186,9 @@ def _bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float, method: Method)
 _GRID = np.linspace(0.0, 1.0, 1001)
 
 
-def _grid_bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float,
-                   bets: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _grid_bounds01(
+    x: np.ndarray, idx: np.ndarray, alpha_side: float, bets: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Grid inversion (WSR23's method for candidate-dependent bets): a candidate is rejected
     below (above) once its `below` (`above`) e-process reaches 1/alpha_side at a look; the
     bounds are the hull of the survivors widened by one grid step, so they stay conservative
@@ -201,10 +203,10 @@ def _grid_bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float,
         keep_lo = np.empty(_GRID.size, dtype=bool)
         keep_hi = np.empty(_GRID.size, dtype=bool)
         for s in range(0, _GRID.size, 128):
-            g = _GRID[s:s + 128]
+            g = _GRID[s : s + 128]
             below, above = _log_e(flat[r], g, alpha_side, "agrapa", tuple(b[r] for b in fb))
-            keep_hi[s:s + 128] = below[:, idx].max(axis=1) < thr
-            keep_lo[s:s + 128] = above[:, idx].max(axis=1) < thr
+            keep_hi[s : s + 128] = below[:, idx].max(axis=1) < thr
+            keep_lo[s : s + 128] = above[:, idx].max(axis=1) < thr
         keep = keep_lo & keep_hi
         if keep.any():
             lo[r] = max(0.0, _GRID[keep][0] - step)
@@ -229,8 +231,9 @@ class Bounds:
     mean: float
 
 
-def cs_bounds(x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi: float = 1.0,
-              method: Method = "betting", looks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def cs_bounds(
+    x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi: float = 1.0, method: Method = "betting", looks: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Vectorised confidence_sequence: x is [..., n] (e.g. [runs, n]); returns the lower and
     upper ends, each [...], of the two-sided (1 - alpha) CS at the last look."""
     x01 = _unit(x, lo, hi)
@@ -242,8 +245,9 @@ def cs_bounds(x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi: float = 1
     return lo + (hi - lo) * lo01, lo + (hi - lo) * hi01
 
 
-def confidence_sequence(x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi: float = 1.0,
-                        method: Method = "betting", looks: Sequence[int] | None = None) -> Bounds:
+def confidence_sequence(
+    x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi: float = 1.0, method: Method = "betting", looks: Sequence[int] | None = None
+) -> Bounds:
     """Two-sided (1 - alpha) anytime-valid CS for the mean of x (1-D, in [lo, hi], arrival
     order): P(exists t: mean not in CS_t) <= alpha. `looks` are the cumulative counts at which
     it was inspected (default: every item); the result is the running intersection at the
@@ -258,8 +262,9 @@ def confidence_sequence(x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi:
     return Bounds(float(a), float(b), x.size, float(x.mean()))
 
 
-def anytime_p_values(x: np.ndarray, threshold: float, alpha_bets: float, lo: float, hi: float,
-                     looks: Sequence[int] | None = None, method: Method = "betting") -> tuple[np.ndarray, np.ndarray]:
+def anytime_p_values(
+    x: np.ndarray, threshold: float, alpha_bets: float, lo: float, hi: float, looks: Sequence[int] | None = None, method: Method = "betting"
+) -> tuple[np.ndarray, np.ndarray]:
     """Anytime-valid p-values p_t = min(1, 1/sup_{looks} E) at the last look, for
     H0: mean >= threshold (small when the mean is below it) and H0: mean <= threshold.
     x is [..., n]; alpha_bets tunes the bets (the level the test will mostly be read at) and
@@ -319,9 +324,16 @@ def geometric_looks(first: int, budget: int, factor: float = 2.0) -> list[int]:
     return sorted(set(out))
 
 
-def simulate_gate(x: np.ndarray, threshold: float, alpha: float, lo: float, hi: float,
-                  looks: Sequence[int] | None = None, method: Method = "betting",
-                  pass_below: bool = True) -> SimResult:
+def simulate_gate(
+    x: np.ndarray,
+    threshold: float,
+    alpha: float,
+    lo: float,
+    hi: float,
+    looks: Sequence[int] | None = None,
+    method: Method = "betting",
+    pass_below: bool = True,
+) -> SimResult:
     """Run the sequential check on each row of x ([runs, n], n = the budget): after each look,
     pass when H0_pass is rejected at level alpha, fail when H0_fail is, stop at the first
     decision. pass_below: passing means the mean is below threshold (drop); False for
@@ -334,7 +346,7 @@ def simulate_gate(x: np.ndarray, threshold: float, alpha: float, lo: float, hi: 
     n_used = np.full(runs, n, dtype=int)
     m = (threshold - lo) / (hi - lo)
     for s in range(0, runs, _CHUNK):
-        below, above = _log_e(_unit(x[s:s + _CHUNK], lo, hi), m, alpha, method)
+        below, above = _log_e(_unit(x[s : s + _CHUNK], lo, hi), m, alpha, method)
         hit_pass = (below if pass_below else above)[:, idx] >= thr
         hit_fail = (above if pass_below else below)[:, idx] >= thr
         never = len(idx)
@@ -345,8 +357,8 @@ def simulate_gate(x: np.ndarray, threshold: float, alpha: float, lo: float, hi: 
         # a tie is counted as a pass so a simulated false-pass rate is never understated.
         st = np.where(first_pass <= first_fail, 1, -1)
         st[first == never] = 0
-        status[s:s + _CHUNK] = st
-        n_used[s:s + _CHUNK] = np.where(first < never, idx[np.minimum(first, never - 1)] + 1, n)
+        status[s : s + _CHUNK] = st
+        n_used[s : s + _CHUNK] = np.where(first < never, idx[np.minimum(first, never - 1)] + 1, n)
     return SimResult(status, n_used)
 
 
@@ -447,8 +459,7 @@ def _drop_evidence(c: DropCheck, alpha_side: float, method: Method) -> _Evidence
         more = more_items_needed(d, c.margin, alpha_side, method)
     else:
         lo, hi, more = -1.0, 1.0, None
-    return _Evidence("drop", float(d.mean()) if n else float("nan"), float(lo), float(hi), c.margin, n,
-                     float(p_pass), float(p_fail), more)
+    return _Evidence("drop", float(d.mean()) if n else float("nan"), float(lo), float(hi), c.margin, n, float(p_pass), float(p_fail), more)
 
 
 def _recovery_y(base: np.ndarray, variant: np.ndarray, r: float) -> tuple[np.ndarray, float, float]:
@@ -498,12 +509,12 @@ def _recovery_evidence(c: RecoveryCheck, alpha_side: float, method: Method) -> _
 def _kl_evidence(c: KLCheck, alpha_side: float) -> _Evidence:
     kl = np.asarray(c.per_window_kl, dtype=float)
     lo, hi, p_pass, p_fail = _bca(kl, c.threshold, alpha_side, c.seed)
-    return _Evidence("kl", float(kl.mean()) if kl.size else float("nan"), lo, hi, c.threshold, kl.size,
-                     p_pass, p_fail, None)
+    return _Evidence("kl", float(kl.mean()) if kl.size else float("nan"), lo, hi, c.threshold, kl.size, p_pass, p_fail, None)
 
 
-def decide_family(checks: Mapping[str, DropCheck | RecoveryCheck | KLCheck], alpha: float = 0.05,
-                  method: Method = "betting") -> dict[str, CheckDecision]:
+def decide_family(
+    checks: Mapping[str, DropCheck | RecoveryCheck | KLCheck], alpha: float = 0.05, method: Method = "betting"
+) -> dict[str, CheckDecision]:
     """Decide every check of one variant with family-wise error control: P(any false pass)
     <= alpha and P(any false fail) <= alpha, at every look (Holm over the anytime p-values of
     the k pass hypotheses, and separately of the k fail hypotheses). Bets are tuned and bounds
@@ -533,8 +544,10 @@ def decide_family(checks: Mapping[str, DropCheck | RecoveryCheck | KLCheck], alp
         e = ev[s]
         status: Status = "undecided"
         if rej_pass[i] and rej_fail[i]:
-            reason = ("conflicting evidence: both one-sided nulls were rejected at different looks; "
-                      "the check should have stopped at its first decision")
+            reason = (
+                "conflicting evidence: both one-sided nulls were rejected at different looks; "
+                "the check should have stopped at its first decision"
+            )
         elif rej_pass[i]:
             status, reason = "pass", _reason(e, "pass", alpha, k)
         elif rej_fail[i]:
@@ -542,8 +555,7 @@ def decide_family(checks: Mapping[str, DropCheck | RecoveryCheck | KLCheck], alp
         else:
             reason = _reason(e, "undecided", alpha, k)
         more = e.more_items if status == "undecided" else None
-        out[s] = CheckDecision(status, e.kind, e.estimate, e.lo, e.hi, e.threshold, e.n, a_k,
-                               e.p_pass, e.p_fail, more, reason)
+        out[s] = CheckDecision(status, e.kind, e.estimate, e.lo, e.hi, e.threshold, e.n, a_k, e.p_pass, e.p_fail, more, reason)
     return out
 
 
@@ -563,16 +575,23 @@ def _reason(e: _Evidence, status: str, alpha: float, k: int) -> str:
     return f"{what} {e.estimate:.4g}, CS {interval} still contains {e.threshold:g} after {e.n} ({level}){tail}"
 
 
-def decide_drop(d: np.ndarray, margin: float, alpha: float = 0.05, looks: Sequence[int] | None = None,
-                method: Method = "betting") -> CheckDecision:
+def decide_drop(
+    d: np.ndarray, margin: float, alpha: float = 0.05, looks: Sequence[int] | None = None, method: Method = "betting"
+) -> CheckDecision:
     """Non-inferiority of one check on its own: pass iff the anytime upper bound of the mean
     drop is below margin, fail iff the lower bound is above it, else undecided (with an
     estimate of the items still needed). Each error <= alpha, however often it was looked at."""
     return decide_family({"drop": DropCheck(np.asarray(d, dtype=float), margin, looks)}, alpha, method)["drop"]
 
 
-def decide_recovery(base: np.ndarray, variant: np.ndarray, min_ratio: float, alpha: float = 0.05,
-                    looks: Sequence[int] | None = None, method: Method = "betting") -> CheckDecision:
+def decide_recovery(
+    base: np.ndarray,
+    variant: np.ndarray,
+    min_ratio: float,
+    alpha: float = 0.05,
+    looks: Sequence[int] | None = None,
+    method: Method = "betting",
+) -> CheckDecision:
     """Recovery mean(variant)/mean(base) >= min_ratio, tested as mean(variant - r base) > 0 with
     the same anytime CS machinery (the differences lie in [-r, 1]); lo/hi is a ratio CS."""
     check = RecoveryCheck(np.asarray(base, dtype=float), np.asarray(variant, dtype=float), min_ratio, looks)
@@ -589,15 +608,38 @@ def point_estimate(d: np.ndarray, margin: float) -> CheckDecision:
     passes about half of the variants whose true drop equals the margin. Explicit opt-in only."""
     d = np.asarray(d, dtype=float)
     if d.size == 0:
-        return CheckDecision("undecided", "point", float("nan"), float("nan"), float("nan"), margin, 0,
-                             float("nan"), float("nan"), float("nan"), None,
-                             "no items; point-estimate mode (NOT a statistical test)", is_test=False)
+        return CheckDecision(
+            "undecided",
+            "point",
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            margin,
+            0,
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            None,
+            "no items; point-estimate mode (NOT a statistical test)",
+            is_test=False,
+        )
     est = float(d.mean())
     status: Status = "pass" if est < margin else "fail"
-    return CheckDecision(status, "point", est, float("nan"), float("nan"), margin, d.size, float("nan"),
-                         float("nan"), float("nan"), None,
-                         f"point estimate {est:.4g} vs margin {margin:g}: NOT a statistical test, "
-                         "no error-rate guarantee", is_test=False)
+    return CheckDecision(
+        status,
+        "point",
+        est,
+        float("nan"),
+        float("nan"),
+        margin,
+        d.size,
+        float("nan"),
+        float("nan"),
+        float("nan"),
+        None,
+        f"point estimate {est:.4g} vs margin {margin:g}: NOT a statistical test, no error-rate guarantee",
+        is_test=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,8 +647,7 @@ def point_estimate(d: np.ndarray, margin: float) -> CheckDecision:
 # --------------------------------------------------------------------------------------------
 
 
-def _bca(x: np.ndarray, threshold: float, alpha_side: float, seed: int,
-         n_boot: int = 10_000) -> tuple[float, float, float, float]:
+def _bca(x: np.ndarray, threshold: float, alpha_side: float, seed: int, n_boot: int = 10_000) -> tuple[float, float, float, float]:
     """One-sided level-alpha_side BCa bounds on the mean and the BCa p-values of
     H0: mean >= threshold (pass) and H0: mean <= threshold (fail) (Efron 1987, JASA 82:171).
     BCa corrects the skew of per-window KL that a plain percentile interval ignores."""
@@ -622,8 +663,8 @@ def _bca(x: np.ndarray, threshold: float, alpha_side: float, seed: int,
     z0 = ndtri(np.clip(((boots < mean).sum() + 0.5 * (boots == mean).sum()) / n_boot, eps, 1 - eps))
     jack = (x.sum() - x) / (n - 1)
     dev = jack.mean() - jack
-    denom = 6 * (dev ** 2).sum() ** 1.5
-    acc = float((dev ** 3).sum() / denom) if denom > 0 else 0.0
+    denom = 6 * (dev**2).sum() ** 1.5
+    acc = float((dev**3).sum() / denom) if denom > 0 else 0.0
 
     def bound(z: float) -> float:
         u = z0 + z
@@ -653,8 +694,7 @@ def kl_interval(per_window_kl: np.ndarray, alpha: float = 0.05, seed: int = 0) -
 # --------------------------------------------------------------------------------------------
 
 
-def fixed_n_items(sd: float, margin: float, alpha: float = 0.05, power: float = 0.9, true_drop: float = 0.0,
-                  n_checks: int = 1) -> int:
+def fixed_n_items(sd: float, margin: float, alpha: float = 0.05, power: float = 0.9, true_drop: float = 0.0, n_checks: int = 1) -> int:
     """Items a fixed-n paired design needs to pass with probability `power` when the true mean
     drop is true_drop: one-sided z-test at alpha/n_checks (Bonferroni), normal approximation,
     n = ((z_{1-alpha/k} + z_{power}) sd / (margin - true_drop))^2."""
@@ -664,8 +704,9 @@ def fixed_n_items(sd: float, margin: float, alpha: float = 0.05, power: float = 
     return math.ceil((z * sd / (margin - true_drop)) ** 2)
 
 
-def _expected_crossing(cur: float, n0: int, support: np.ndarray, m: float, alpha_side: float, method: Method,
-                       cap: int = 10_000_000) -> int | None:
+def _expected_crossing(
+    cur: float, n0: int, support: np.ndarray, m: float, alpha_side: float, method: Method, cap: int = 10_000_000
+) -> int | None:
     """Items after n0 until the e-process at m, now at log value cur, is expected to reach
     log(1/alpha_side) when future items follow the equally weighted law `support` (in [0, 1]):
     the sum over t > n0 of E log(1 + l_t (m - X)) (betting; the EB analogue for "eb") with the
@@ -724,8 +765,9 @@ def more_items_needed(d: np.ndarray, margin: float, alpha: float = 0.05, method:
     return _more_items(_unit(d, -1.0, 1.0), (margin + 1) / 2, alpha, method)
 
 
-def sequential_items(sd: float, margin: float, alpha: float = 0.05, true_drop: float = 0.0,
-                     n_checks: int = 1, method: Method = "betting") -> int | None:
+def sequential_items(
+    sd: float, margin: float, alpha: float = 0.05, true_drop: float = 0.0, n_checks: int = 1, method: Method = "betting"
+) -> int | None:
     """Plug-in estimate of the items the sequential check needs to decide when the mean drop is
     true_drop with per-item SD sd: the expected-growth continuation from zero items of the
     two-point law true_drop +- sd (right mean and variance), looks after every item. Use

@@ -90,7 +90,13 @@ def test_errors_exit_2_with_one_line(tmp_path):
     run = make_run(tmp_path / "r", BASE, {"v": BASE})
     r = gate(run)
     assert r.returncode == 2 and "no thresholds" in r.stderr
-    for bad in (["--max-drop", "GSM8K"], ["--max-drop", "GSM8K=nan"], ["--max-drop", "GSM8K=-1"], ["--alpha", "2", "--max-drop", "default=3"]):
+    bad_args = (
+        ["--max-drop", "GSM8K"],
+        ["--max-drop", "GSM8K=nan"],
+        ["--max-drop", "GSM8K=-1"],
+        ["--alpha", "2", "--max-drop", "default=3"],
+    )
+    for bad in bad_args:
         r = gate(run, *bad)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (bad, r.stderr)
     # a benchmark the table does not have is an error, never a silent pass
@@ -142,8 +148,21 @@ def test_recipe_gate_section_is_validated(bad):
 
 def test_min_recovery_and_max_kl(tmp_path):
     var = [0] * 40 + BASE[40:]  # 80 of 120 correct kept: 67% recovery
-    kl = {"v": {"docs": {"tokens": 1000, "mean_kl": 0.05, "kl_p99": 0.2, "top1_agreement": 0.9, "ppl_base": 10.0, "ppl": 10.5,
-                         "ppl_ratio": 1.05, "base_topk_mass": 0.99, "window_kl": [0.04, 0.05, 0.06, 0.05, 0.045, 0.055, 0.05, 0.05]}}}
+    kl = {
+        "v": {
+            "docs": {
+                "tokens": 1000,
+                "mean_kl": 0.05,
+                "kl_p99": 0.2,
+                "top1_agreement": 0.9,
+                "ppl_base": 10.0,
+                "ppl": 10.5,
+                "ppl_ratio": 1.05,
+                "base_topk_mass": 0.99,
+                "window_kl": [0.04, 0.05, 0.06, 0.05, 0.045, 0.055, 0.05, 0.05],
+            }
+        }
+    }
     run = make_run(tmp_path / "r", BASE, {"v": var}, kl=kl)
     assert gate(run, "--min-recovery", "95").returncode == 1
     assert gate(run, "--min-recovery", "30").returncode == 0
@@ -159,8 +178,9 @@ def test_min_recovery_and_max_kl(tmp_path):
 def test_gate_reads_the_run_of_a_recipe_under_artifacts(tmp_path):
     run = make_run(tmp_path / "elsewhere" / "t", BASE, {"v": list(BASE)})
     recipe = tmp_path / "t.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "t", "model": {"id": "a/b"}, "variants": {"v": [{"stage": "fp8"}]},
-                                      "gate": {"max_drop": {"default": 5}}}))
+    recipe.write_text(
+        yaml.safe_dump({"name": "t", "model": {"id": "a/b"}, "variants": {"v": [{"stage": "fp8"}]}, "gate": {"max_drop": {"default": 5}}})
+    )
     r = gate(recipe, "--artifacts", tmp_path / "elsewhere")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "v / GSM8K" in r.stdout
