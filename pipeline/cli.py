@@ -31,6 +31,10 @@ def _jobs(a):
             recipe.offline = True
         if getattr(a, "engine", None):
             recipe.eval.engine = a.engine
+        if getattr(a, "until_decided", False):
+            if recipe.gate is None:
+                raise QuantpipeError(f"--until-decided needs a `gate:` section with margins in {path}")
+            recipe.gate.until_decided = True
         jobs.append(
             Job(
                 recipe,
@@ -244,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor", choices=["local", "ray"], default="local", help="local: this process (default); ray: one task per plan step"
     )
     r.add_argument("--ray-address", help="Ray cluster to join (e.g. 10.0.0.5:6379 or auto); default: start one here")
+    r.add_argument(
+        "--until-decided",
+        action="store_true",
+        help="evaluate in doubling rounds (eval.order: random) and stop each check once the gate decides it",
+    )
 
     b = cmd("build", _build, "build the variants' artifacts only; print variant, format, path")
     recipe_args(b)

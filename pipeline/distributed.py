@@ -24,6 +24,7 @@ from . import store
 from .errors import QuantpipeError
 from .job import Job, ModelSlot
 from .plan import Step
+from .runner import check_sequential, run_rounds
 
 log = logging.getLogger("quantpipe")
 
@@ -102,21 +103,29 @@ def run_on_ray(jobs: list[Job], address: str | None = None, wait: bool = False) 
     task = ray.remote(step_task)
     try:
         with contextlib.ExitStack() as locks:
-            submitted = []
-            for job in jobs:
-                locks.enter_context(store.run_lock(job.root, wait=wait))
-                plan = job.start()
-                spec, res = job_spec(job), job.recipe.resources
-                refs = {}
-                for step in plan.steps:
-                    opts = (res.build if step.kind == "build" else res.evaluate).ray_options()
-                    refs[step.id] = task.options(**opts, name=step.id).remote(spec, step, *(refs[d] for d in step.deps))
-                log.info("%s: submitted %d steps (%d rows) to Ray", job.recipe.name, len(refs), len(plan.rows))
-                submitted.append((job, plan, refs))
             reports = []
-            for job, plan, refs in submitted:
+            for job in jobs:  # recipes one after another; each recipe's steps spread over the cluster
+                locks.enter_context(store.run_lock(job.root, wait=wait))
+                sequential = job.recipe.gate is not None and job.recipe.gate.until_decided
+                if sequential:
+                    check_sequential(job)
+                plan = job.start()
+                spec, res, refs = job_spec(job), job.recipe.resources, {}
+
+                def execute(steps: list[Step], job=job, spec=spec, res=res, refs=refs) -> None:
+                    for step in steps:
+                        opts = (res.build if step.kind == "build" else res.evaluate).ray_options()
+                        after = [refs[d] for d in step.deps if d in refs]
+                        refs[step.id] = task.options(**opts, name=step.id).remote(spec, step, *after)
+                    log.info("%s: submitted %d steps to Ray", job.recipe.name, len(steps))
+                    ray.wait([refs[s.id] for s in steps], num_returns=len(steps))
+
+                if sequential:
+                    run_rounds(job, plan, execute)
+                else:
+                    execute(plan.steps)
                 for row in plan.rows:
-                    mine = [refs[s.id] for s in plan.of_row(row)]
+                    mine = [refs[s.id] for s in plan.of_row(row) if s.id in refs]
                     art = plan.artifact_step(row)
                     if art is not None and art.row != row:
                         mine.append(refs[art.id])

@@ -121,11 +121,50 @@ class Evaluator:
         shutil.rmtree(cache, ignore_errors=True)
         datasets.config.HF_DATASETS_CACHE = cache
         os.environ["HF_DATASETS_CACHE"] = str(cache)
+        self.seed = recipe.eval.seed
+        self._loaded: dict[str, dict[str, object]] = {}
+        self._orders: dict[str, list[tuple[str, int]]] = {}
         self.task_dir = workdir / "tasks"
         self.task_identity = prepare_task_dir(self.task_dir, self.tasks, mirrors)
         from lm_eval.tasks import TaskManager
 
         self.task_manager = TaskManager(include_path=str(self.task_dir), include_defaults=False)
+
+    # -- the random item order (eval.order: random) ---------------------------------------------
+    def _task_objects(self, task: str) -> dict[str, object]:
+        """lm-eval's Task objects of a task or group's subtasks, loaded once per process (a call per
+        chunk must not reload 57 MMLU datasets)."""
+        if task not in self._loaded:
+            self._loaded[task] = dict(self.task_manager.load([task])["tasks"])
+        return self._loaded[task]
+
+    def item_order(self, task: str) -> list[tuple[str, int]]:
+        """A seeded random order of the task's whole test split, as (subtask, index). For a group
+        (MMLU) the order is stratified: subject s's i-th item (in its own random order) sits at
+        (i + u_s) / n_s, so every prefix holds each subject in proportion to its size (±1)."""
+        if task not in self._orders:
+            import numpy as np
+
+            rng = np.random.default_rng([self.seed, int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)])
+            keyed = []
+            for sub in sorted(self._task_objects(task)):
+                n = len(self._task_objects(task)[sub].eval_docs)
+                perm, u = rng.permutation(n), rng.random()
+                keyed += [((i + u) / n, sub, int(doc)) for i, doc in enumerate(perm)]
+            self._orders[task] = [(sub, doc) for _, sub, doc in sorted(keyed)]
+        return self._orders[task]
+
+    def n_items(self, task: str) -> int:
+        """Items a random-order run of the task evaluates: its budget (`limit`), at most the split."""
+        total = len(self.item_order(task))
+        return min(total, self.tasks[task].limit or total)
+
+    def selection(self, task: str, start: int, end: int) -> dict[str, list[int]]:
+        """subtask -> sorted item indices of positions [start, end) of the item order."""
+        out: dict[str, list[int]] = {}
+        for sub, doc in self.item_order(task)[start:end]:
+            out.setdefault(sub, []).append(doc)
+        return {sub: sorted(docs) for sub, docs in sorted(out.items())}
 
     def settings(self, task: str, selection: dict[str, list[int]] | None = None) -> dict:
         """Everything that changes a task's numbers; part of the result's storage key."""
@@ -151,8 +190,9 @@ class Evaluator:
 
         spec = self.tasks[task]
         gen_kwargs = {"max_gen_toks": spec.max_gen_toks} if spec.max_gen_toks else None
-        if selection is not None:
-            tasks, limit, samples = sorted(selection), None, selection
+        if selection is not None:  # the subtasks' Task objects, loaded once (reused across chunks and rows)
+            subtasks = self._task_objects(task)
+            tasks, limit, samples = [subtasks[sub] for sub in sorted(selection)], None, selection
         else:
             tasks, limit, samples = [task], spec.limit, ({task: spec.samples} if spec.samples else None)
         t0 = time.time()
@@ -165,7 +205,7 @@ class Evaluator:
             num_fewshot=spec.num_fewshot,
             gen_kwargs=gen_kwargs,
             log_samples=True,
-            bootstrap_iters=1000,
+            bootstrap_iters=1000 if selection is None else 0,  # chunks: our paired statistics, not lm-eval's
             confirm_run_unsafe_code=self.allow_code,
             **SEEDS,
         )

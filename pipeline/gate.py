@@ -60,18 +60,37 @@ def _error(variant: str, name: str, message: str) -> Check:
     return Check(variant, name, "error", message=message)
 
 
+_UNITS = {"drop": ("drop", "pts", 2), "point": ("drop", "pts", 2), "recovery": ("recovery", "%", 1), "kl": ("mean KL", "nats", 4)}
+
+
+def _message(d: sq.CheckDecision, scale: float) -> str:
+    what, unit, digits = _UNITS[d.kind]
+    est, lo, hi, thr = (x * scale for x in (d.estimate, d.lo, d.hi, d.threshold))
+    head = f"{what} {est:.{digits}f} {unit}"
+    if not d.is_test:
+        return f"{head} vs {thr:g} (point estimate: not a statistical test)"
+    interval = f"interval [{lo:.{digits}f}, {hi:.{digits}f}]"
+    higher_is_better = d.kind == "recovery"
+    if d.status == "undecided":
+        more = f"; about {d.more_items} more items would decide" if d.more_items else ""
+        return f"{head}, {interval} still contains {thr:g} after {d.n} items{more}"
+    side = "above" if (d.status == "pass") == higher_is_better else "below"
+    return f"{head}, {interval} lies {side} {thr:g} (alpha {d.alpha:g} per check, Holm over the variant's checks)"
+
+
 def _from_decision(variant: str, name: str, d: sq.CheckDecision, scale: float) -> Check:
+    interval = None if not d.is_test else (round(d.lo * scale, 4), round(d.hi * scale, 4))
     return Check(
         variant,
         name,
         d.status,
         round(d.estimate * scale, 4),
         round(d.threshold * scale, 4),
-        (round(d.lo * scale, 4), round(d.hi * scale, 4)),
+        interval,
         d.n,
         d.alpha,
         d.more_items,
-        d.reason + ("" if d.is_test else " (point estimate: not a statistical test)"),
+        _message(d, scale),
     )
 
 

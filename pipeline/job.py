@@ -30,6 +30,11 @@ from .types import Artifact
 log = logging.getLogger("quantpipe")
 
 
+def chunk_round(chunk: int) -> int:
+    """Rounds double: chunk 0 is round 0, chunk 1 round 1, chunks 2-3 round 2, 4-7 round 3, ..."""
+    return chunk.bit_length()
+
+
 class ModelSlot:
     """One loaded model at a time: consecutive steps of a row share it."""
 
@@ -146,8 +151,14 @@ class Job:
             art_key = art_step.key if art_step else self.base.key
             deps = (art_step.id,) if art_step else ()
             for task in ev.tasks:
-                settings = ev.settings(task)
-                plan.add(Step("eval", row, store.content_key(art_key, settings), self.root / row / "eval" / task, deps=deps, task=task))
+                for items in self._chunks(task):
+                    settings = ev.settings(task, None if items is None else ev.selection(task, *items))
+                    path = self.root / row / "eval" / task
+                    if items is not None:
+                        path = path / f"items-{items[0]:06d}-{items[1]:06d}"
+                    rnd = chunk_round(items[0] // self.recipe.eval.chunk_items) if items else 0
+                    key = store.content_key(art_key, settings)
+                    plan.add(Step("eval", row, key, path, deps=deps, task=task, items=items, round=rnd))
             if not backend_for(self._row_format(row), self.recipe.eval.engine).gives_logprobs:
                 log.debug("%s: no KL (its backend gives no next-token distributions)", row)
                 continue
@@ -161,6 +172,13 @@ class Job:
                 plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key), self.root / row / "kl", deps=(*deps, kl_ref.id)))
         self._plan = plan
         return plan
+
+    def _chunks(self, task: str) -> list[tuple[int, int] | None]:
+        """[start, end) of each stored chunk of a random-order task; [None] for a first-N task."""
+        if self.recipe.eval.order != "random":
+            return [None]
+        size, n = self.recipe.eval.chunk_items, self.evaluator.n_items(task)
+        return [(a, min(a + size, n)) for a in range(0, n, size)]
 
     # -- steps ------------------------------------------------------------------------------------
     def artifact(self, row: str) -> Artifact:
@@ -216,15 +234,12 @@ class Job:
 
         def compute(tmp: Path) -> dict:
             loaded = models.get(step.row)
+            selection = None if step.items is None else self.evaluator.selection(step.task, *step.items)
             with PeakMemory() as peak:
-                record, samples = self.evaluator.run(loaded, step.task)
+                record, samples = self.evaluator.run(loaded, step.task, selection)
             (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-            return {
-                **record,
-                "settings": self.evaluator.settings(step.task),
-                "n_items": len(samples),
-                "peak_memory_bytes": peak.bytes,
-            }
+            settings = self.evaluator.settings(step.task, selection)
+            return {**record, "settings": settings, "n_items": len(samples), "items": step.items, "peak_memory_bytes": peak.bytes}
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 

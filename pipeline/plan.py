@@ -28,6 +28,7 @@ class Step:
     stage_name: str | None = None
     task: str | None = None  # eval
     items: tuple[int, int] | None = None  # eval: [start, end) of the task's seeded item order; None: first-N
+    round: int = 0  # eval: the sequential round it belongs to (chunk c is in round ceil(log2(c + 1)))
 
     @property
     def id(self) -> str:
@@ -64,6 +65,9 @@ class Plan:
 
     def __post_init__(self):
         self._artifact: dict[str, Step] = {}
+
+    def rounds(self) -> int:
+        return 1 + max((s.round for s in self.steps), default=0)
 
     def cut_after_builds(self) -> Plan:
         cut = Plan(self.rows, [s for s in self.steps if s.kind == "build"])

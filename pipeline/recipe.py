@@ -55,6 +55,15 @@ class EvalSpec(Strict):
         "default", description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp)"
     )
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
+    order: Literal["first_n", "random"] = Field(
+        "first_n",
+        description="first_n: each task's first items (stock lm-eval, comparable with published numbers); "
+        "random: a seeded random permutation of the full split (MMLU stratified per subject), evaluated in chunks, "
+        "so any prefix is a random sample and a larger budget extends a smaller one. With random, `limit` is the "
+        "task's item budget (all of MMLU, not per subject)",
+    )
+    seed: int = Field(0, description="seed of the random item order")
+    chunk_items: int = Field(100, ge=10, le=10_000, description="random order: items per stored chunk (the first round)")
 
 
 class TaskResources(Strict):
@@ -85,6 +94,7 @@ class GateConfig(Strict):
     max_kl: float | None = Field(None, ge=0, description="mean next-token KL to the base on the docs text, nats")
     alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate per variant, across its checks")
     point_estimate: bool = Field(False, description="decide on point estimates: not a test, and labelled so")
+    until_decided: bool = Field(False, description="evaluate in rounds (eval.order: random) until every check is decided")
     variants: list[str] | None = None
 
     @field_validator("max_drop")

@@ -23,6 +23,7 @@ LAYOUTS = ("methods", "section7")
 
 def _footer(t: Table) -> list[str]:
     n = {c.name: max((r.cells[c.name].n for r in t.rows if c.name in r.cells), default=0) for c in t.columns}
+    n = {c: k for c, k in n.items() if k}
     return [
         "Scores in % (mean ± standard error over items). Δ: variant minus base in points, with a paired 95% "
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "

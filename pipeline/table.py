@@ -115,14 +115,16 @@ def _n_shot(rec: dict, task: str) -> int | None:
     return shots.pop() if len(shots) == 1 else None
 
 
-def _records(index: dict, row: str, kind: str, task: str | None = None) -> list[store.Record] | None:
-    """The row's verified records of one kind (in plan order); None when any is missing."""
+def _records(index: dict, row: str, kind: str, task: str | None = None) -> list[store.Record]:
+    """The row's verified records of one kind, in plan order, up to the first one not (yet) there:
+    a sequential run stops a (row, task) after the round that decided it, so its evaluation is a
+    prefix of its planned chunks."""
     out = []
     for s in index["steps"]:
         if s["row"] == row and s["kind"] == kind and s.get("task") == task:
             rec, _ = store.verify(Path(s["path"]), s["key"])
             if rec is None:
-                return None
+                break
             out.append(rec)
     return out
 
