@@ -22,6 +22,9 @@ Confidence sequences (CS) are the inversion of those e-processes over candidate 
 - "eb": the predictable plug-in empirical-Bernstein CS (PrPl-EB) of the same paper,
   Theorem 2, in the style of Howard, Ramdas, McAuliffe & Sekhon, "Time-uniform,
   nonparametric, nonasymptotic confidence sequences", Ann. Statist. 49(2), 2021.
+- "agrapa": the same capital process with WSR23's aGRAPA bets (approximate growth-rate
+  adaptive: a plug-in Kelly bet for the gap to the tested mean). Not tuned for CS width but
+  for the test at the margin, it decides with fewer items; its CS is a grid inversion.
 
 The hedged process with theta = 1/2 in its max form, max(K+/2, K-/2) >= 1/alpha, rejects
 exactly when one of its one-sided halves reaches 2/alpha, so a two-sided (1 - alpha) CS is the
@@ -45,7 +48,7 @@ from typing import Literal
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-Method = Literal["betting", "eb"]
+Method = Literal["betting", "eb", "agrapa"]
 Status = Literal["pass", "fail", "undecided"]
 
 # c in WSR23: a bet never risks more than half the capital on one item (they suggest 1/2 or 3/4).
@@ -91,25 +94,25 @@ def _shift(a: np.ndarray, first: float) -> np.ndarray:
     return out
 
 
-def _bets(x: np.ndarray, alpha_side: float) -> tuple[np.ndarray, np.ndarray]:
+def _bets(x: np.ndarray, alpha_side: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PrPl bets of WSR23 eq. (26)-(27): lambda_t = sqrt(2 log(1/a) / (sigma2_{t-1} t log(1+t))),
     with mean and variance regularised by one fake observation (mean 1/2, variance 1/4) so the
     first bets are defined. a is the one-sided level (WSR's log(2/alpha) for a two-sided CS).
-    Returns (lambda_t, mu_hat_{t-1}), both predictable."""
+    Returns (lambda_t, mu_hat_{t-1}, sigma2_{t-1}), all predictable."""
     t = np.arange(1, x.shape[-1] + 1, dtype=float)
     mu = (0.5 + np.cumsum(x, axis=-1)) / (t + 1)
-    sig2 = (0.25 + np.cumsum((x - mu) ** 2, axis=-1)) / (t + 1)
-    lam = np.sqrt(2 * math.log(1 / alpha_side) / (_shift(sig2, 0.25) * t * np.log1p(t)))
-    return lam, _shift(mu, 0.5)
+    sig2 = _shift((0.25 + np.cumsum((x - mu) ** 2, axis=-1)) / (t + 1), 0.25)
+    lam = np.sqrt(2 * math.log(1 / alpha_side) / (sig2 * t * np.log1p(t)))
+    return lam, _shift(mu, 0.5), sig2
 
 
 def _log_e(x: np.ndarray, m, alpha_side: float, method: Method,
-           bets: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+           bets: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative log e-process paths [..., n] at candidate mean m (a scalar or one per leading
     index): `below` tests H0: mean >= m (it grows when the mean is below m), `above` tests
     H0: mean <= m. Both are supermartingales under their (composite) null: each factor is
     monotone in m, so the worst case of the null is its boundary mean = m."""
-    lam, mu_prev = bets if bets is not None else _bets(x, alpha_side)
+    lam, mu_prev, sig2_prev = bets if bets is not None else _bets(x, alpha_side)
     m = np.asarray(m, dtype=float)[..., None]
     if method == "betting":
         # Hedged capital process, one-sided halves: K-(m) = prod(1 + l-(m)(m - x)),
@@ -128,7 +131,20 @@ def _log_e(x: np.ndarray, m, alpha_side: float, method: Method,
         s_lam = np.cumsum(lam, axis=-1)
         s_lx = np.cumsum(lam * x, axis=-1)
         return m * s_lam - s_lx - pen, s_lx - m * s_lam - pen
-    raise ValueError(f"unknown method {method!r} (betting or eb)")
+    if method == "agrapa":
+        # aGRAPA bets (WSR23, approximate growth-rate adaptive): the Kelly bet for the observed
+        # gap, (mu_{t-1} - m) / (sigma2_{t-1} + (mu_{t-1} - m)^2), only on the side the data
+        # point to, truncated like PrPl-H. Tuned to the tested mean rather than to CS width,
+        # so a test at the margin stops sooner; the bets depend on m, so the CS is a grid.
+        gap = mu_prev - m
+        kelly = gap / (sig2_prev + gap**2)
+        with np.errstate(divide="ignore"):
+            lam_below = np.clip(-kelly, 0.0, TRUNC / (1 - m))
+            lam_above = np.clip(kelly, 0.0, TRUNC / m)
+        below = np.cumsum(np.log1p(lam_below * (m - x)), axis=-1)
+        above = np.cumsum(np.log1p(lam_above * (x - m)), axis=-1)
+        return below, above
+    raise ValueError(f"unknown method {method!r} (betting, eb or agrapa)")
 
 
 def _bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float, method: Method) -> tuple[np.ndarray, np.ndarray]:
@@ -136,6 +152,8 @@ def _bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float, method: Method)
     intersected over the inspection positions idx. Outward-rounded where bisected."""
     thr = math.log(1 / alpha_side)
     bets = _bets(x, alpha_side)
+    if method == "agrapa":
+        return _grid_bounds01(x, idx, alpha_side, bets)
     if method == "eb":
         lam = np.minimum(bets[0], TRUNC)
         pen = np.cumsum((x - bets[1]) ** 2 * (-np.log1p(-lam) - lam), axis=-1)[..., idx]
@@ -161,6 +179,39 @@ def _bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float, method: Method)
         rej_l = above[..., idx].max(axis=-1) >= thr
         c, d = np.where(rej_l, mid_l, c), np.where(rej_l, d, mid_l)
     return c, b
+
+
+# Candidate means for CSs whose bets depend on the candidate (aGRAPA): step 1/1000 of the range.
+_GRID = np.linspace(0.0, 1.0, 1001)
+
+
+def _grid_bounds01(x: np.ndarray, idx: np.ndarray, alpha_side: float,
+                   bets: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Grid inversion (WSR23's method for candidate-dependent bets): a candidate is rejected
+    below (above) once its `below` (`above`) e-process reaches 1/alpha_side at a look; the
+    bounds are the hull of the survivors widened by one grid step, so they stay conservative
+    even where the surviving set is not an interval. An empty set gives NaN bounds."""
+    thr = math.log(1 / alpha_side)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, x.shape[-1])
+    fb = [b.reshape(flat.shape) for b in bets]
+    lo, hi = np.empty(flat.shape[0]), np.empty(flat.shape[0])
+    step = _GRID[1] - _GRID[0]
+    for r in range(flat.shape[0]):
+        keep_lo = np.empty(_GRID.size, dtype=bool)
+        keep_hi = np.empty(_GRID.size, dtype=bool)
+        for s in range(0, _GRID.size, 128):
+            g = _GRID[s:s + 128]
+            below, above = _log_e(flat[r], g, alpha_side, "agrapa", tuple(b[r] for b in fb))
+            keep_hi[s:s + 128] = below[:, idx].max(axis=1) < thr
+            keep_lo[s:s + 128] = above[:, idx].max(axis=1) < thr
+        keep = keep_lo & keep_hi
+        if keep.any():
+            lo[r] = max(0.0, _GRID[keep][0] - step)
+            hi[r] = min(1.0, _GRID[keep][-1] + step)
+        else:
+            lo[r] = hi[r] = np.nan
+    return lo.reshape(lead), hi.reshape(lead)
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,7 +247,8 @@ def confidence_sequence(x: np.ndarray, alpha: float = 0.05, lo: float = 0.0, hi:
     """Two-sided (1 - alpha) anytime-valid CS for the mean of x (1-D, in [lo, hi], arrival
     order): P(exists t: mean not in CS_t) <= alpha. `looks` are the cumulative counts at which
     it was inspected (default: every item); the result is the running intersection at the
-    last one. method "betting" = PrPl-H (WSR23 Thm 3), "eb" = PrPl-EB (WSR23 Thm 2)."""
+    last one. method "betting" = PrPl-H (WSR23 Thm 3), "eb" = PrPl-EB (WSR23 Thm 2),
+    "agrapa" = hedged capital with aGRAPA bets (WSR23; grid of 1,001 candidates)."""
     x = np.asarray(x, dtype=float)
     if x.ndim != 1:
         raise ValueError("confidence_sequence takes one sequence; use cs_bounds for [runs, n]")
@@ -440,7 +492,7 @@ def _recovery_evidence(c: RecoveryCheck, alpha_side: float, method: Method) -> _
         r_lo = r_hi = float("nan")
     est = float(v.mean() / b.mean()) if b.mean() > 0 else float("nan")
     more = _more_items(_unit(y, lo, hi), (0.0 - lo) / (hi - lo), alpha_side, method)
-    return _Evidence("recovery", est, r_lo, r_hi, c.min_ratio, n, float(p_above), float(p_below), more)
+    return _Evidence("recovery", est, float(r_lo), float(r_hi), c.min_ratio, n, float(p_above), float(p_below), more)
 
 
 def _kl_evidence(c: KLCheck, alpha_side: float) -> _Evidence:
@@ -628,10 +680,12 @@ def _expected_crossing(cur: float, n0: int, support: np.ndarray, m: float, alpha
     t = n0 + np.unique(np.round(np.geomspace(1, cap, 800)))
     sig2 = (0.25 + (t - 1) * var) / t  # the regularised variance the bet at t sees
     lam = np.sqrt(2 * math.log(1 / alpha_side) / (sig2 * t * np.log1p(t)))
-    if method == "betting":
+    step = (m - support) if go_below else (support - m)
+    if method in ("betting", "agrapa"):
+        if method == "agrapa":  # the Kelly bet for the law's gap, constant once learned
+            lam = np.full_like(t, abs(m - mu) / (var + (m - mu) ** 2), dtype=float)
         with np.errstate(divide="ignore"):
             lam = np.minimum(lam, TRUNC / (1 - m) if go_below else TRUNC / m)
-        step = (m - support) if go_below else (support - m)
         g = np.log1p(lam[:, None] * step[None, :]).mean(axis=1)
     else:
         lam = np.minimum(lam, TRUNC)
