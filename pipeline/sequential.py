@@ -550,17 +550,22 @@ def decide_family(checks: Mapping[str, DropCheck | RecoveryCheck | KLCheck], alp
 def _reason(e: _Evidence, status: str, alpha: float, k: int) -> str:
     what = {"drop": "mean drop", "recovery": "recovery ratio", "kl": "mean KL"}[e.kind]
     level = f"alpha={alpha:g}" + (f" over {k} checks (Holm)" if k > 1 else "")
-    interval = f"[{e.lo:.4g}, {e.hi:.4g}]"
+    interval = ("BCa CI " if e.kind == "kl" else "CS ") + f"[{e.lo:.4g}, {e.hi:.4g}]"
     if e.n == 0:
         return "no items yet"
     good = "above" if e.kind == "recovery" else "below"
     bad = "below" if e.kind == "recovery" else "above"
+    # Holm's later steps reject at alpha/(k-j) > alpha/k, so the Bonferroni CS shown can still
+    # contain the threshold; say so rather than look inconsistent.
+    note = "; Holm step-down, beyond the Bonferroni CS shown" if e.lo <= e.threshold <= e.hi else ""
     if status == "pass":
-        return f"{what} {e.estimate:.4g}, CS {interval}: confidently {good} {e.threshold:g} ({level}, p={e.p_pass:.3g})"
+        return (f"{what} {e.estimate:.4g}, {interval}: confidently {good} {e.threshold:g} "
+                f"({level}, p={e.p_pass:.3g}{note})")
     if status == "fail":
-        return f"{what} {e.estimate:.4g}, CS {interval}: confidently {bad} {e.threshold:g} ({level}, p={e.p_fail:.3g})"
+        return (f"{what} {e.estimate:.4g}, {interval}: confidently {bad} {e.threshold:g} "
+                f"({level}, p={e.p_fail:.3g}{note})")
     tail = f"; about {e.more_items} more items would decide" if e.more_items else ""
-    return f"{what} {e.estimate:.4g}, CS {interval} still contains {e.threshold:g} after {e.n} ({level}){tail}"
+    return f"{what} {e.estimate:.4g}, {interval} still contains {e.threshold:g} after {e.n} ({level}){tail}"
 
 
 def decide_drop(d: np.ndarray, margin: float, alpha: float = 0.05, looks: Sequence[int] | None = None,

@@ -288,6 +288,16 @@ def test_decide_family_mixed_checks():
     assert "Holm" in out["gsm8k"].reason
 
 
+def test_family_uses_the_anytime_p_values_and_holm():
+    rng = np.random.default_rng(19)
+    ds = [binary_drops(rng, 1, 3000, drop)[0] for drop in (0.0, 0.005, 0.01)]
+    looks = sq.geometric_looks(100, 3000)
+    out = sq.decide_family({str(i): sq.DropCheck(d, MARGIN, looks) for i, d in enumerate(ds)}, ALPHA)
+    p = np.array([sq.anytime_p_values(d, MARGIN, ALPHA / 3, -1.0, 1.0, looks)[0] for d in ds])
+    assert np.allclose([out[str(i)].p_pass for i in range(3)], p)
+    assert [out[str(i)].status == "pass" for i in range(3)] == sq.holm(p, ALPHA).tolist()
+
+
 def test_recovery_ratio_interval_contains_estimate():
     base, var = binary_pairs(np.random.default_rng(17), 1, 3000, 0.6, 0.03)
     dec = sq.decide_recovery(base[0], var[0], 0.99)
