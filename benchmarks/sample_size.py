@@ -1,11 +1,11 @@
 """Items the sequential non-inferiority gate uses, against a fixed-n design, by simulation.
 
-    .venv/bin/python benchmarks/sample_size.py            # ~2-4 min on 2 CPU cores
+    .venv/bin/python benchmarks/sample_size.py            # ~5 min on 2 shared CPU cores
     .venv/bin/python benchmarks/sample_size.py --runs 500 # a quicker, noisier pass
 
 For each scenario (a per-item law of the drop d = base - variant) and each CS method, 2,000
-seeded runs are monitored after every round (cumulative looks 50, 100, 200, ... "x2", or
-50, 63, 78, ... "x1.25", up to the budget) and stop at the first decision. Printed per row:
+seeded runs are monitored after every round (cumulative looks 50, 100, 200, ... "x2",
+50, 62, 78, ... "x1.25", or after every item, up to the budget) and stop at the first decision. Printed per row:
 P(pass), P(fail), P(undecided at the budget), mean and median items used, and the mean as a
 fraction of the fixed-n design's items: the n a one-sided z-test at alpha needs for 90% power
 to pass a lossless variant (what one would plan without knowing the true drop), and, for
@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--methods", default="betting,eb,agrapa")
     args = ap.parse_args()
     methods = args.methods.split(",")
-    schedules = {"x2": sq.geometric_looks(50, BUDGET, 2.0), "x1.25": sq.geometric_looks(50, BUDGET, 1.25)}
+    schedules = {"x2": sq.geometric_looks(50, BUDGET, 2.0), "x1.25": sq.geometric_looks(50, BUDGET, 1.25),
+                 "every item": None}
     t0 = time.time()
 
     print(f"alpha={ALPHA} (one-sided, per decision), margin={MARGIN}, budget={BUDGET}, runs={args.runs}\n")
