@@ -128,10 +128,10 @@ def test_family_wise_error_four_checks_at_margin():
     minimum, which bounds every earlier look's Holm rejections). Any false pass in the family
     counts; likewise any false fail."""
     rng = np.random.default_rng(8)
-    k, a_k = 4, ALPHA / 4
-    data = [binary_drops(rng, RUNS, BUDGET, MARGIN, 0.10), binary_drops(rng, RUNS, BUDGET, MARGIN, 0.20),
-            mc2_drops(rng, RUNS, BUDGET, MARGIN), binary_drops(rng, RUNS, BUDGET, MARGIN, 0.15)]
-    p = [sq.anytime_p_values(d, MARGIN, a_k, -1.0, 1.0, LOOKS) for d in data]
+    k, a_k, n = 4, ALPHA / 4, 3200
+    data = [binary_drops(rng, RUNS, n, MARGIN, 0.10), binary_drops(rng, RUNS, n, MARGIN, 0.20),
+            mc2_drops(rng, RUNS, n, MARGIN), binary_drops(rng, RUNS, n, MARGIN, 0.15)]
+    p = [sq.anytime_p_values(d, MARGIN, a_k, -1.0, 1.0, sq.geometric_looks(50, n)) for d in data]
     p_pass = np.stack([pp for pp, _ in p], axis=1)
     p_fail = np.stack([pf for _, pf in p], axis=1)
     assert p_pass.shape == (RUNS, k)
