@@ -18,7 +18,7 @@ therefore valid; looking less often than every item only removes chances to err.
 Confidence sequences (CS) are the inversion of those e-processes over candidate means:
 - "betting": the hedged capital process with predictable plug-in bets (PrPl-H) of
   Waudby-Smith & Ramdas, "Estimating means of bounded random variables by betting",
-  JRSS-B 86(1):1-27, 2024 (online 2023; arXiv:2010.09686), Section 4 / Theorem 3.
+  JRSS-B 86(1):1-27, 2024 (online 2023; arXiv:2010.09686), Theorem 3.
 - "eb": the predictable plug-in empirical-Bernstein CS (PrPl-EB) of the same paper,
   Theorem 2, in the style of Howard, Ramdas, McAuliffe & Sekhon, "Time-uniform,
   nonparametric, nonasymptotic confidence sequences", Ann. Statist. 49(2), 2021.
@@ -95,7 +95,7 @@ def _shift(a: np.ndarray, first: float) -> np.ndarray:
 
 
 def _bets(x: np.ndarray, alpha_side: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PrPl bets of WSR23 eq. (26)-(27): lambda_t = sqrt(2 log(1/a) / (sigma2_{t-1} t log(1+t))),
+    """PrPl bets of WSR23: lambda_t = sqrt(2 log(1/a) / (sigma2_{t-1} t log(1+t))),
     with mean and variance regularised by one fake observation (mean 1/2, variance 1/4) so the
     first bets are defined. a is the one-sided level (WSR's log(2/alpha) for a two-sided CS).
     Returns (lambda_t, mu_hat_{t-1}, sigma2_{t-1}), all predictable."""
@@ -111,8 +111,10 @@ def _log_e(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative log e-process paths [..., n] at candidate mean m (a scalar or one per leading
     index): `below` tests H0: mean >= m (it grows when the mean is below m), `above` tests
-    H0: mean <= m. Both are supermartingales under their (composite) null: each factor is
-    monotone in m, so the worst case of the null is its boundary mean = m."""
+    H0: mean <= m. Both are nonnegative supermartingales under their whole composite null,
+    not only at mean = m: the bets are predictable and nonnegative, so a betting factor has
+    conditional mean 1 + l (m - mean) <= 1 for `below` when mean >= m (likewise for `above`),
+    and the EB process at m is bounded by the same process at the true mean."""
     lam, mu_prev, sig2_prev = bets if bets is not None else _bets(x, alpha_side)
     m = np.asarray(m, dtype=float)[..., None]
     if method == "betting":
@@ -353,8 +355,9 @@ def simulate_gate(
         first_pass = np.where(hit_pass.any(axis=1), hit_pass.argmax(axis=1), never)
         first_fail = np.where(hit_fail.any(axis=1), hit_fail.argmax(axis=1), never)
         first = np.minimum(first_pass, first_fail)
-        # The two halves cannot both cross at one look (their product is <= 1 for equal bets);
-        # a tie is counted as a pass so a simulated false-pass rate is never understated.
+        # Both halves crossing at one look is practically impossible (PrPl-H/EB: their product
+        # is <= 1 for equal bets; aGRAPA bets on one side at a time); a tie counts as a pass
+        # so that a simulated false-pass rate is never understated.
         st = np.where(first_pass <= first_fail, 1, -1)
         st[first == never] = 0
         status[s : s + _CHUNK] = st
@@ -479,7 +482,8 @@ def _recovery_evidence(c: RecoveryCheck, alpha_side: float, method: Method) -> _
         raise ValueError("base and variant must be 1-D and paired item by item")
     if not c.min_ratio > 0:
         raise ValueError(f"min_ratio must be > 0, got {c.min_ratio}")
-    _unit(b, 0.0, 1.0), _unit(v, 0.0, 1.0)
+    _unit(b, 0.0, 1.0)  # validates: scores must lie in [0, 1]
+    _unit(v, 0.0, 1.0)
     n = b.size
     y, lo, hi = _recovery_y(b, v, c.min_ratio)
     # passing = mean(y) above 0: H0_pass is "mean(y) <= 0", tested by the `above` e-process
@@ -499,7 +503,7 @@ def _recovery_evidence(c: RecoveryCheck, alpha_side: float, method: Method) -> _
         ks = _RATIO_GRID[keep]
         r_lo = max(0.0, ks[0] - step) if ks[0] > 0 else 0.0
         r_hi = ks[-1] + step if ks[-1] < _RATIO_GRID[-1] else float("inf")
-    else:  # every candidate rejected: the CS is empty here (a rare miss); report the estimate
+    else:  # every candidate rejected: the CS is empty here (a rare miss), so NaN bounds
         r_lo = r_hi = float("nan")
     est = float(v.mean() / b.mean()) if b.mean() > 0 else float("nan")
     more = _more_items(_unit(y, lo, hi), (0.0 - lo) / (hi - lo), alpha_side, method)
@@ -562,17 +566,20 @@ def decide_family(
 def _reason(e: _Evidence, status: str, alpha: float, k: int) -> str:
     what = {"drop": "mean drop", "recovery": "recovery ratio", "kl": "mean KL"}[e.kind]
     level = f"alpha={alpha:g}" + (f" over {k} checks (Holm)" if k > 1 else "")
-    interval = f"[{e.lo:.4g}, {e.hi:.4g}]"
+    interval = ("BCa CI " if e.kind == "kl" else "CS ") + f"[{e.lo:.4g}, {e.hi:.4g}]"
     if e.n == 0:
         return "no items yet"
     good = "above" if e.kind == "recovery" else "below"
     bad = "below" if e.kind == "recovery" else "above"
+    # Holm's later steps reject at alpha/(k-j) > alpha/k, so the Bonferroni CS shown can still
+    # contain the threshold; say so rather than look inconsistent.
+    note = "; Holm step-down, beyond the Bonferroni CS shown" if e.lo <= e.threshold <= e.hi else ""
     if status == "pass":
-        return f"{what} {e.estimate:.4g}, CS {interval}: confidently {good} {e.threshold:g} ({level}, p={e.p_pass:.3g})"
+        return f"{what} {e.estimate:.4g}, {interval}: confidently {good} {e.threshold:g} ({level}, p={e.p_pass:.3g}{note})"
     if status == "fail":
-        return f"{what} {e.estimate:.4g}, CS {interval}: confidently {bad} {e.threshold:g} ({level}, p={e.p_fail:.3g})"
+        return f"{what} {e.estimate:.4g}, {interval}: confidently {bad} {e.threshold:g} ({level}, p={e.p_fail:.3g}{note})"
     tail = f"; about {e.more_items} more items would decide" if e.more_items else ""
-    return f"{what} {e.estimate:.4g}, CS {interval} still contains {e.threshold:g} after {e.n} ({level}){tail}"
+    return f"{what} {e.estimate:.4g}, {interval} still contains {e.threshold:g} after {e.n} ({level}){tail}"
 
 
 def decide_drop(
