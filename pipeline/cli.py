@@ -169,6 +169,30 @@ def _gate(a) -> int:
     return verdict.exit_code
 
 
+def _plan(a) -> int:
+    from .planning import plan_report
+    from .recipe import GateConfig
+    from .runner import run_local
+
+    (job,) = _jobs(a)
+    gate = job.recipe.gate.model_dump() if job.recipe.gate else {}
+    for item in a.max_drop or []:
+        bench, _, value = item.partition("=")
+        try:
+            gate.setdefault("max_drop", {})[bench] = float(value)
+        except ValueError as e:
+            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'") from e
+    cfg = GateConfig.model_validate(gate)
+    if not cfg.max_drop:
+        raise QuantpipeError("no margins: set gate.max_drop in the recipe or pass --max-drop BENCH=POINTS")
+    if a.pilot:  # the first round of a random-order sequential run
+        job.recipe.eval.order = "random"
+        job.recipe.gate = cfg.model_copy(update={"until_decided": True})
+        run_local(job, wait=a.wait, max_rounds=1)
+    results().write(plan_report(job.root, cfg, a.power))
+    return 0
+
+
 def _doctor(a) -> int:
     from .doctor import check
 
@@ -281,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", action="append", help="check only this variant (repeatable)")
     g.add_argument("--json", help="write the verdict as JSON here")
     g.add_argument("--junit", help="write the verdict as JUnit XML here")
+
+    pl = cmd("plan", _plan, "items (and time) each check needs to decide, from stored results or a pilot round")
+    recipe_args(pl)
+    pl.add_argument("--max-drop", action="append", metavar="BENCH=POINTS", help="margin in points (BENCH or default)")
+    pl.add_argument("--power", type=float, default=0.9, help="power of the fixed-n design it is compared with (default 0.9)")
+    pl.add_argument("--pilot", action="store_true", help="first evaluate one round of a random-order run (seeded items)")
+    pl.add_argument("--allow-code-execution", action="store_true", help="needed for a pilot that includes HumanEval")
 
     d = cmd("doctor", _doctor, "check packages, accelerator, disk, data and opt-ins before a long run")
     d.add_argument("recipe", nargs="?")

@@ -94,7 +94,7 @@ def _from_decision(variant: str, name: str, d: sq.CheckDecision, scale: float) -
     )
 
 
-def _paired(base: Cell, variant: Cell) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def paired_items(base: Cell, variant: Cell) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Paired scores on the items both rows have, and the looks (items done at each round's end).
     Within a round the items are put in a fixed pseudo-random order (a hash of the item key): the
     confidence sequence assumes exchangeable arrivals, and a task's file order (first-N runs:
@@ -125,7 +125,7 @@ def _family(name: str, base: Row, row: Row, cfg: GateConfig) -> tuple[dict[str, 
                 who = "the base" if col not in base.cells else "this variant"
                 errors.append(_error(name, check, f"no {col} results for {who}"))
                 continue
-            b, v, looks = _paired(base.cells[col], row.cells[col])
+            b, v, looks = paired_items(base.cells[col], row.cells[col])
             if not len(b) or not (np.isfinite(b).all() and np.isfinite(v).all()):
                 errors.append(_error(name, check, f"{col}: no paired items, or a non-finite score"))
                 continue
@@ -196,7 +196,7 @@ def evaluate_gate(t: Table, cfg: GateConfig) -> Verdict:
             decided = {k: sq.point_estimate(c.d, c.margin) for k, c in family.items() if isinstance(c, sq.DropCheck)}
             errors += [_error(name, k, "point-estimate mode covers max_drop and max_avg_drop only") for k in family if k not in decided]
         else:
-            decided = sq.decide_family(family, cfg.alpha) if family else {}
+            decided = sq.decide_family(family, cfg.alpha, cfg.method) if family else {}
         checks += [_from_decision(name, k, d, scale[k]) for k, d in decided.items()] + errors
         if cfg.max_avg_drop is not None:
             drops = {k: d for k, d in decided.items() if isinstance(family[k], sq.DropCheck)}

@@ -7,8 +7,10 @@ and writes its result through `store.cached`, so a step runs the same in any pro
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -30,9 +32,12 @@ from .types import Artifact
 log = logging.getLogger("quantpipe")
 
 
-def chunk_round(chunk: int) -> int:
-    """Rounds double: chunk 0 is round 0, chunk 1 round 1, chunks 2-3 round 2, 4-7 round 3, ..."""
-    return chunk.bit_length()
+def round_ends(n_chunks: int, growth: float) -> list[int]:
+    """Cumulative chunks at the end of each round: 1, then x growth (at least one more chunk) per round."""
+    ends = [1]
+    while ends[-1] < n_chunks:
+        ends.append(min(n_chunks, max(ends[-1] + 1, math.ceil(ends[-1] * growth))))
+    return ends
 
 
 class ModelSlot:
@@ -151,12 +156,14 @@ class Job:
             art_key = art_step.key if art_step else self.base.key
             deps = (art_step.id,) if art_step else ()
             for task in ev.tasks:
-                for items in self._chunks(task):
+                chunks = self._chunks(task)
+                ends = round_ends(len(chunks), self.recipe.eval.round_growth)
+                for items in chunks:
                     settings = ev.settings(task, None if items is None else ev.selection(task, *items))
                     path = self.root / row / "eval" / task
                     if items is not None:
                         path = path / f"items-{items[0]:06d}-{items[1]:06d}"
-                    rnd = chunk_round(items[0] // self.recipe.eval.chunk_items) if items else 0
+                    rnd = bisect.bisect_right(ends, items[0] // self.recipe.eval.chunk_items) if items else 0
                     key = store.content_key(art_key, settings)
                     plan.add(Step("eval", row, key, path, deps=deps, task=task, items=items, round=rnd))
             if not backend_for(self._row_format(row), self.recipe.eval.engine).gives_logprobs:

@@ -28,7 +28,7 @@ class Step:
     stage_name: str | None = None
     task: str | None = None  # eval
     items: tuple[int, int] | None = None  # eval: [start, end) of the task's seeded item order; None: first-N
-    round: int = 0  # eval: the sequential round it belongs to (chunk c is in round ceil(log2(c + 1)))
+    round: int = 0  # eval: the sequential round it belongs to (job.round_ends)
 
     @property
     def id(self) -> str:

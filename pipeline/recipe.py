@@ -64,6 +64,13 @@ class EvalSpec(Strict):
     )
     seed: int = Field(0, description="seed of the random item order")
     chunk_items: int = Field(100, ge=10, le=10_000, description="random order: items per stored chunk (the first round)")
+    round_growth: float = Field(
+        1.5,
+        ge=1.1,
+        le=4,
+        description="sequential rounds: each round's cumulative items grow by "
+        "this factor (rounded up to whole chunks), so a row's model is loaded O(log n) times",
+    )
 
 
 class TaskResources(Strict):
@@ -95,6 +102,11 @@ class GateConfig(Strict):
     alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate per variant, across its checks")
     point_estimate: bool = Field(False, description="decide on point estimates: not a test, and labelled so")
     until_decided: bool = Field(False, description="evaluate in rounds (eval.order: random) until every check is decided")
+    method: Literal["agrapa", "betting", "eb"] = Field(
+        "agrapa",
+        description="confidence sequence (docs/statistics.md): agrapa: betting with bets tuned to the margin "
+        "(fewest items); betting: predictable plug-in hedged; eb: empirical Bernstein",
+    )
     variants: list[str] | None = None
 
     @field_validator("max_drop")

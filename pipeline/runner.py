@@ -68,7 +68,7 @@ class Execution:
                 self.job.record_outcome(row, None)
 
 
-def run_rounds(job: Job, plan: Plan, execute: Callable[[list[Step]], None]) -> None:
+def run_rounds(job: Job, plan: Plan, execute: Callable[[list[Step]], None], max_rounds: int | None = None) -> None:
     """Round 0 of everything, then each next round for what the gate has not decided yet."""
     from .gate import evaluate_gate
     from .table import build_table
@@ -76,7 +76,7 @@ def run_rounds(job: Job, plan: Plan, execute: Callable[[list[Step]], None]) -> N
     cfg = job.recipe.gate
     task_of = {t.column.name: t.name for t in COLUMNS}
     execute([s for s in plan.steps if s.kind != "eval" or s.round == 0])
-    for r in range(1, plan.rounds()):
+    for r in range(1, min(plan.rounds(), max_rounds or plan.rounds())):
         verdict = evaluate_gate(build_table(job.root), cfg)
         open_checks = [c for c in verdict.checks if c.status == "undecided" and c.check.split(" ")[0] in task_of]
         if not open_checks:
@@ -106,8 +106,9 @@ def check_sequential(job: Job) -> None:
         raise QuantpipeError("--until-decided needs `eval.order: random` (a first-N prefix is not a random sample)")
 
 
-def run_local(job: Job, wait: bool = False, builds_only: bool = False) -> Path | None:
-    """The embedded executor: everything in this process. Returns the report folder."""
+def run_local(job: Job, wait: bool = False, builds_only: bool = False, max_rounds: int | None = None) -> Path | None:
+    """The embedded executor: everything in this process. Returns the report folder.
+    max_rounds: stop a sequential run after this many rounds (a pilot)."""
     with run_lock(job.root, wait=wait):
         if builds_only:
             clean_stale_tmp(job.root)
@@ -121,7 +122,7 @@ def run_local(job: Job, wait: bool = False, builds_only: bool = False) -> Path |
         plan = job.start()
         execute = Execution(job, plan)
         if sequential:
-            run_rounds(job, plan, execute)
+            run_rounds(job, plan, execute, max_rounds)
         else:
             execute(plan.steps)
         execute.record_outcomes()
