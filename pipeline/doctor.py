@@ -38,6 +38,19 @@ def _pkg(name: str, want: str | None) -> Finding:
     return Finding(True, f"{name} {have}")
 
 
+def remote_code_finding(folder: Path, trusted: bool) -> Finding:
+    """Whether the model folder ships code (auto_map) and whether it may run."""
+    from .store import read_json
+
+    ships = any("auto_map" in (read_json(folder / f) or {}) for f in ("config.json", "tokenizer_config.json"))
+    if trusted:
+        return Finding(True, "trust_remote_code: code from the model folder may run" + (" (it ships some)" if ships else ""))
+    if ships:
+        return Finding(True, "the model folder ships its own code (auto_map); it will not run (model.trust_remote_code: false), "
+                       "so a tool that needs it fails with that message")
+    return Finding(True, "model folder code: none shipped; none would run")
+
+
 def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) -> list[Finding]:
     pinned = pins()
     out = [_pkg(n, pinned.get(n)) for n in CHECKED]
@@ -101,6 +114,8 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
                 model_info(path)
                 base_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(str(path)).exists() else 0
                 out.append(Finding(True, f"model {recipe.model.id}: readable"))
+                if Path(str(path)).exists():
+                    out.append(remote_code_finding(Path(path), recipe.model.trust_remote_code))
         except QuantpipeError as e:
             out.append(Finding(False, str(e), "fix model.id or fetch the model"))
             base_bytes = 0

@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from . import store
+from . import remote_code, store
 from .backends import LoadedModel, backend_for
 from .backends import load as load_model
 from .calibration import calibration_fingerprint, load_calibration
@@ -52,6 +52,8 @@ class ModelSlot:
             art = self.job.artifact(row)
             log.debug("%s: loading %s for evaluation", row, art.path)
             self.loaded = load_model(art, self.job.recipe.model.dtype, self.job.evaluator.batch_size, self.job.recipe.eval.engine)
+            if remote_code.allowed():
+                self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
             self.row = row
         return self.loaded
 
@@ -84,6 +86,8 @@ class Job:
 
     # -- setup: everything that can fail on bad input fails here, before any work -----------------
     def prepare(self, evaluation: bool = True) -> None:
+        remote_code.allow(self.recipe.model.trust_remote_code)
+        remote_code.guard()
         if self.recipe.offline:
             for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
                 os.environ[var] = "1"

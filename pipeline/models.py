@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QuantpipeError
+from .remote_code import trust
 from .store import fingerprint_files
 from .types import ModelInfo
 
@@ -111,7 +112,7 @@ def model_info(path: Path | str) -> ModelInfo:
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(path)
+        cfg = AutoConfig.from_pretrained(path, **trust())
     except Exception as e:  # noqa: BLE001
         raise QuantpipeError(f"cannot read the model config of '{path}': {e}") from e
     cfg = getattr(cfg, "text_config", cfg)

@@ -29,6 +29,7 @@ class ModelSpec(Strict):
     id: str = Field(description="hub id (org/name), local path, or builtin:<name>")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     revision: str | None = None
+    trust_remote_code: bool = Field(False, description="allow Python shipped in the model folder (auto_map) to run")
 
 
 class CalibrationSpec(Strict):

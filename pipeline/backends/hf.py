@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import QuantpipeError
 from ..evaluation import SEEDS
+from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel
 
@@ -50,7 +51,7 @@ def _load_transformers(art: Artifact, dtype: str):
 
     kwargs = {"dtype": dtype if art.format == "hf" else "auto", "output_loading_info": True}
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(art.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(art.path, **kwargs, **trust())
     except Exception as e:  # noqa: BLE001 - loaders raise many types; the message names the problem
         raise QuantpipeError(f"cannot load checkpoint {art.path}: {type(e).__name__}: {e}") from e
     _check_load_report(info, art.path)
@@ -101,7 +102,7 @@ def _lm(model, art: Artifact, batch_size: int, max_length: int):
 
     from .prefix_cache import PrefixCachingHFLM
 
-    tokenizer = AutoTokenizer.from_pretrained(art.path)
+    tokenizer = AutoTokenizer.from_pretrained(art.path, **trust())
     torch.manual_seed(SEEDS["torch_random_seed"])
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
     if art.meta.get("runtime_patches"):

@@ -31,6 +31,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from ..evaluation import SEEDS
+from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel
 
@@ -178,7 +179,7 @@ class LlamaCppBackend(Backend):
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(art.path)
+        tokenizer = AutoTokenizer.from_pretrained(art.path, **trust())
         lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
         how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)"
         return LoadedModel(lm, how, "llama.cpp", self)

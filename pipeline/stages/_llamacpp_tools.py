@@ -21,6 +21,9 @@ from ..errors import QuantpipeError
 
 _WRAPPER = r"""
 import os, runpy, sys
+from pipeline.remote_code import guard
+
+guard()  # the converter passes trust_remote_code=True for some architectures: only the recipe decides
 tool = sys.argv.pop(1)
 sys.path[:0] = [tool, os.path.join(tool, "gguf-py")]
 override = os.environ.get("QUANTPIPE_GGUF_PRE_TOKENIZER")
@@ -68,7 +71,6 @@ def converter() -> Path:
                 if rel and rel.startswith(wanted) and (m.isfile() or m.isdir()):
                     m.name = rel
                     tar.extract(m, out, filter="data")
-        (out / "quantpipe_convert.py").write_text(_WRAPPER)
         if dest.exists():
             shutil.rmtree(dest)
         out.rename(dest)
@@ -80,10 +82,13 @@ def convert(hf_dir: Path, out_file: Path, outtype: str, pre_tokenizer: str | Non
     env = dict(os.environ)
     if pre_tokenizer:
         env["QUANTPIPE_GGUF_PRE_TOKENIZER"] = pre_tokenizer
+    # the wrapper is written per call (not taken from the shared tools cache), so its guard is current
+    wrapper = Path(tempfile.mkdtemp(prefix="qp-convert-")) / "quantpipe_convert.py"
+    wrapper.write_text(_WRAPPER)
     r = subprocess.run(
         [
             sys.executable,
-            str(tool / "quantpipe_convert.py"),
+            str(wrapper),
             str(tool),
             str(hf_dir),
             "--outfile",
@@ -95,6 +100,10 @@ def convert(hf_dir: Path, out_file: Path, outtype: str, pre_tokenizer: str | Non
         text=True,
         env=env,
     )
+    shutil.rmtree(wrapper.parent, ignore_errors=True)
+    refused = [line for line in r.stderr.splitlines() if "RemoteCodeRefused:" in line]
+    if refused:
+        raise QuantpipeError(refused[-1].split("RemoteCodeRefused:", 1)[1].strip())
     if r.returncode or not out_file.is_file():
         tail = "\n".join(r.stderr.strip().splitlines()[-6:])
         hint = (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..remote_code import trust
 from .base import Artifact, StageContext
 
 
@@ -40,8 +41,8 @@ def oneshot_to_compressed_tensors(inp: Artifact, out_dir: Path, ctx: StageContex
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(inp.path)
-    model = AutoModelForCausalLM.from_pretrained(inp.path, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(inp.path, **trust())
+    model = AutoModelForCausalLM.from_pretrained(inp.path, dtype="auto", **trust())
     kwargs = {}
     if needs_data:
         data = tokenized_calibration(tokenizer, ctx)

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..remote_code import trust
 from .base import Artifact, ModelInfo, StageContext, StageParams
 
 
@@ -52,7 +53,7 @@ def gptqmodel_quantize(inp: Artifact, out_dir: Path, ctx: StageContext, quantize
     from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(inp.path)
+    tok = AutoTokenizer.from_pretrained(inp.path, **trust())
     rows = []
     for text in ctx.calibration():
         enc = tok(text, truncation=True, max_length=ctx.calibration_seq_len)

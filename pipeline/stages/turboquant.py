@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..remote_code import trust
 from .base import Artifact, ModelInfo, Stage, StageContext, StageParams
 
 
@@ -125,7 +126,7 @@ class TurboQuantStage(Stage):
         from ..turboquant import quantize_weight
 
         p: TurboQuantParams = self.params
-        model = AutoModelForCausalLM.from_pretrained(inp.path, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(inp.path, dtype="auto", **trust())
         done = []
         with torch.no_grad():
             for name, mod in model.named_modules():
@@ -133,7 +134,7 @@ class TurboQuantStage(Stage):
                     mod.weight.copy_(quantize_weight(mod.weight, p.bits, p.block_size, p.seed + len(done)))
                     done.append(name)
         model.save_pretrained(out_dir)
-        AutoTokenizer.from_pretrained(inp.path).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(inp.path, **trust()).save_pretrained(out_dir)
         # Stored dequantized (no serving kernel exists for it); the metadata reproduces the codes.
         (out_dir / "turboquant.json").write_text(
             json.dumps(
