@@ -205,11 +205,13 @@ def _doctor(a) -> int:
 
 
 def _validate(a) -> int:
-    from .evaluation import resolve_tasks
+    """Everything `run` checks before any work: the recipe, the model (config, weights, group sizes),
+    the evaluation backends, the suite and tasks, the data directory and its files."""
+    from .job import Job
     from .recipe import load_recipe
 
     recipe = load_recipe(a.recipe)
-    resolve_tasks(recipe)
+    Job(recipe, Path(a.artifacts), allow_code_execution=True, workdir=Path(a.artifacts) / ".validate").prepare()
     results().write(f"{a.recipe}: ok ({len(recipe.variants)} variants: {', '.join(recipe.variants)})\n")
     return 0
 
@@ -318,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--artifacts", default="artifacts")
     d.add_argument("--allow-code-execution", action="store_true")
 
-    v = cmd("validate", _validate, "check a recipe without running anything")
+    v = cmd("validate", _validate, "check a recipe, its model and its data without running anything")
     v.add_argument("recipe")
+    v.add_argument("--artifacts", default="artifacts", help="where task configs are staged (default: artifacts)")
 
     cmd("stages", _stages, "list registered stages (entry points 'quantpipe.stages')")
     cmd("backends", _backends, "list registered evaluation backends (entry points 'quantpipe.backends')")

@@ -46,8 +46,11 @@ def remote_code_finding(folder: Path, trusted: bool) -> Finding:
     if trusted:
         return Finding(True, "trust_remote_code: code from the model folder may run" + (" (it ships some)" if ships else ""))
     if ships:
-        return Finding(True, "the model folder ships its own code (auto_map); it will not run (model.trust_remote_code: false), "
-                       "so a tool that needs it fails with that message")
+        return Finding(
+            True,
+            "the model folder ships its own code (auto_map); it will not run (model.trust_remote_code: false), "
+            "so a tool that needs it fails with that message",
+        )
     return Finding(True, "model folder code: none shipped; none would run")
 
 

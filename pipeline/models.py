@@ -146,10 +146,13 @@ def count_parameters(path: Path | str) -> int | None:
 
     total = 0
     for f in files:
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
+        try:
+            with safe_open(f, "pt") as st:
+                for k in st.keys():
+                    n = 1
+                    for d in st.get_slice(k).get_shape():
+                        n *= d
+                    total += n
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise QuantpipeError(f"model weights {f} are not a readable safetensors file: {e}") from e
     return total

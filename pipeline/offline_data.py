@@ -34,8 +34,18 @@ def _cache_root() -> Path:
 
 
 def _need(path: Path) -> Path:
+    """An existing data file every line of which is a JSON object (a garbled line fails here, named,
+    before any work, not inside lm-eval at the first row)."""
     if not path.is_file():
         raise QuantpipeError(f"dataset file missing: {path} (check --data-dir / eval.data_dir)")
+    n = 0
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for n, line in enumerate(f, 1):  # noqa: B007 - n names the bad line below
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise QuantpipeError(f"{path}:{n} is not a JSON object per line ({type(e).__name__})") from e
     return path
 
 

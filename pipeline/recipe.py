@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -19,6 +19,9 @@ from .errors import QuantpipeError, RecipeError
 from .stages.registry import get_stage
 
 EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
+MAX_NAME = 64
+# names in a run folder besides the rows' folders
+RESERVED = {"report", "run.lock", "recipe.json", "plan.json", "stages", "eval", "kl"}
 
 
 class Strict(BaseModel):
@@ -36,20 +39,20 @@ class CalibrationSpec(Strict):
     dataset: str = Field("builtin:python-docs", description="hub id, local .txt/.jsonl file, or builtin:python-docs")
     split: str = "train"
     text_field: str = "text"
-    num_samples: int = Field(64, gt=0)
-    seq_len: int = Field(256, ge=16)
+    num_samples: int = Field(64, gt=0, le=100_000)
+    seq_len: int = Field(256, ge=16, le=131_072)
     seed: int = 0
 
 
 class TaskSpec(Strict):
-    limit: int | None = Field(None, gt=0, description="first N items (per subject for MMLU)")
-    samples: list[int] | None = Field(None, description="explicit item indices (not for groups)")
+    limit: int | None = Field(None, gt=0, le=10_000_000, description="first N items (per subject for MMLU)")
+    samples: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="explicit item indices (not for groups)")
     num_fewshot: int | None = Field(None, ge=0)
     max_gen_toks: int | None = Field(None, gt=0)
 
 
 class EvalSpec(Strict):
-    suite: str = "full"
+    suite: str = Field("full", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a suite name under evals/suites")
     batch_size: int | None = Field(None, gt=0, description="same for every row; defaults to the suite's")
     data_dir: str | None = Field(None, description="local copies of the datasets (offline); relative to the recipe file")
     engine: Literal["default", "vllm"] = Field(
@@ -158,6 +161,8 @@ class Recipe(Strict):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it names a folder)")
+        if len(v) > MAX_NAME:
+            raise ValueError(f"at most {MAX_NAME} characters (it names a folder)")
         return v
 
     @field_validator("variants")
@@ -168,8 +173,12 @@ class Recipe(Strict):
         for name, chain in v.items():
             if name == "base":
                 raise ValueError("'base' is reserved for the unquantized model's row")
+            if name in RESERVED:
+                raise ValueError(f"variant name '{name}' is reserved (the run folder has a file or folder of that name)")
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
                 raise ValueError(f"variant name '{name}': use letters, digits, '.', '_', '+' and '-'")
+            if len(name) > MAX_NAME:
+                raise ValueError(f"variant name '{name[:20]}...': at most {MAX_NAME} characters (it names folders and files)")
             if not chain:
                 raise ValueError(f"variant '{name}' has no stages")
         return v
@@ -239,15 +248,44 @@ def parse_recipe(data: Any, source: Path | None = None) -> Recipe:
     return recipe
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML for recipes and suites: no duplicate keys (the last one would silently win) and no
+    aliases (a handful of nested aliases expands to billions of nodes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError(f"aliases (*name) are not allowed{self.peek_event().start_mark}")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key '{key}'{key_node.start_mark}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_FILE = 1 << 20  # a recipe or suite is a page of YAML, not megabytes
+
+
+def read_yaml(path: Path, what: str):
+    if path.stat().st_size > MAX_FILE:
+        raise QuantpipeError(f"{what} {path} is over {MAX_FILE >> 20} MiB; not a recipe")
+    try:
+        return yaml.load(path.read_bytes().decode("utf-8"), Loader=_StrictLoader)
+    except UnicodeDecodeError as e:
+        raise QuantpipeError(f"{what} {path} is not UTF-8 text (byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise QuantpipeError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from e
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise QuantpipeError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise QuantpipeError(f"recipe {path} is not valid YAML: {e}") from e
-    return parse_recipe(data, source=path.resolve())
+    return parse_recipe(read_yaml(path, "recipe"), source=path.resolve())
 
 
 def check_against_model(recipe: Recipe, info) -> None:
@@ -265,4 +303,7 @@ def load_suite(name: str) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in (EVALS_DIR / "suites").glob("*.yaml"))
         raise RecipeError("eval.suite", f"no suite '{name}' in evals/suites (known: {', '.join(known)})")
-    return yaml.safe_load(path.read_text())
+    suite = read_yaml(path, "suite")
+    if not isinstance(suite, dict) or not isinstance(suite.get("tasks") or {}, dict):
+        raise RecipeError("eval.suite", f"{path} is not a suite (a mapping with a `tasks:` mapping)")
+    return suite

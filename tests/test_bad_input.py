@@ -103,3 +103,76 @@ def test_doctor_reports_missing_opt_in_and_passes_with_it(tmp_path, tiny_model, 
     assert out.returncode == 1 and "FAIL HumanEval" in out.stdout and "--allow-code-execution" in out.stdout
     out = cli("doctor", recipe, "--artifacts", tmp_path / "art", "--allow-code-execution")
     assert out.returncode == 0 and "ready" in out.stdout and "all files present" in out.stdout
+
+
+def _good(tiny_model, data_dir) -> dict:
+    return {
+        "name": "x",
+        "model": {"id": str(tiny_model)},
+        "offline": True,
+        "eval": {"suite": "smoke", "data_dir": str(data_dir), "tasks": {"humaneval": None}},
+        "variants": {"fp8": [{"stage": "fp8"}]},
+    }
+
+
+def test_hostile_recipes_get_one_line_and_exit_2_from_validate(tmp_path, tiny_model, data_dir):
+    """The attack's crash list: each is refused by `validate` (which checks what `run` checks) with
+    one line, before any work."""
+    good = _good(tiny_model, data_dir)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+    cases = {
+        b"\xff\xfe name: x\n": "not UTF-8",
+        bomb.encode(): "aliases",
+        b"name: x\nname: y\nmodel: {id: a/b}\nvariants: {v: [{stage: fp8}]}\n": "duplicate key 'name'",
+        b"name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: fp8}], v: [{stage: gptq}]}\n": "duplicate key 'v'",
+        yaml.safe_dump({**good, "calibration": {"seq_len": 10**12}}).encode(): "calibration.seq_len",
+        yaml.safe_dump({**good, "variants": {"g": [{"stage": "gptq", "group_size": 0}]}}).encode(): "group_size",
+        yaml.safe_dump({**good, "variants": {"g": [{"stage": "gptq", "group_size": -8}]}}).encode(): "group_size",
+        yaml.safe_dump({**good, "eval": {**good["eval"], "suite": "../../etc/passwd"}}).encode(): "eval.suite",
+        yaml.safe_dump({**good, "eval": {**good["eval"], "data_dir": str(tmp_path / "nowhere")}}).encode(): "data directory not found",
+        yaml.safe_dump({**good, "eval": {**good["eval"], "tasks": {"mmlu": {"limit": 10**30}}}}).encode(): "eval.tasks.mmlu.limit",
+        yaml.safe_dump({**good, "variants": {"run.lock": [{"stage": "fp8"}]}}).encode(): "reserved",
+        yaml.safe_dump({**good, "variants": {"recipe.json": [{"stage": "fp8"}]}}).encode(): "reserved",
+        yaml.safe_dump({**good, "variants": {"report": [{"stage": "fp8"}]}}).encode(): "reserved",
+        yaml.safe_dump({**good, "variants": {"v" * 250: [{"stage": "fp8"}]}}).encode(): "at most 64 characters",
+        yaml.safe_dump({**good, "name": "n" * 300}).encode(): "at most 64 characters",
+    }
+    r = tmp_path / "r.yaml"
+    for text, needle in cases.items():
+        r.write_bytes(text)
+        out = cli("validate", r, "--artifacts", tmp_path / "art")
+        assert out.returncode == 2, (needle, out.stdout, out.stderr[-500:])
+        assert needle in out.stderr and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, (needle, out.stderr)
+        assert not (tmp_path / "art" / "x").exists()
+
+
+def test_garbled_data_and_garbage_weights_are_named_before_any_work(tmp_path, tiny_model, data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    with open(data / "truthfulqa" / "multiple_choice" / "validation.jsonl", "a") as f:
+        f.write('{"question": "cut here\n')
+    r = tmp_path / "r.yaml"
+    r.write_text(
+        yaml.safe_dump({**_good(tiny_model, data_dir), "eval": {"suite": "smoke", "data_dir": str(data), "tasks": {"humaneval": None}}})
+    )
+    out = cli("run", r, "--artifacts", tmp_path / "art")
+    assert out.returncode == 2 and "validation.jsonl:818 is not a JSON object per line" in out.stderr, out.stderr[-800:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "art" / "x" / "fp8").exists()
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model, model)
+    (model / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    r.write_text(yaml.safe_dump({**_good(model, data_dir)}))
+    out = cli("run", r, "--artifacts", tmp_path / "art")
+    assert out.returncode == 2 and "not a readable safetensors file" in out.stderr and "Traceback" not in out.stderr, out.stderr[-800:]
+
+
+def test_suite_that_is_not_a_mapping_is_refused(tmp_path):
+    from pipeline.recipe import EVALS_DIR, load_suite
+
+    bad = EVALS_DIR / "suites" / "zz-test-list-suite.yaml"
+    bad.write_text("- mmlu\n- gsm8k\n")
+    try:
+        with pytest.raises(QuantpipeError, match="is not a suite"):
+            load_suite("zz-test-list-suite")
+    finally:
+        bad.unlink()

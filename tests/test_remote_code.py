@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_pipeline import quantpipe
 
 pytestmark = pytest.mark.slow
 
-EVIL = '''
+EVIL = """
 import os
 from pathlib import Path
 from transformers import PreTrainedTokenizerFast
@@ -24,7 +23,7 @@ Path(os.environ["QP_TEST_MARKER"]).write_text(f"ran as uid {os.getuid()}")
 
 class EvilTokenizer(PreTrainedTokenizerFast):
     pass
-'''
+"""
 
 
 def custom_code_model(tiny_model: Path, dest: Path) -> Path:
@@ -40,10 +39,16 @@ def custom_code_model(tiny_model: Path, dest: Path) -> Path:
 
 def recipe(tmp: Path, model: Path, trust: bool) -> Path:
     path = tmp / f"r-{trust}.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": f"rc-{trust}", "model": {"id": str(model), "dtype": "float32", "trust_remote_code": trust}, "offline": True,
-        "variants": {"q8": [{"stage": "gguf", "type": "Q8_0", "pre_tokenizer": "gpt-2"}]},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": f"rc-{trust}",
+                "model": {"id": str(model), "dtype": "float32", "trust_remote_code": trust},
+                "offline": True,
+                "variants": {"q8": [{"stage": "gguf", "type": "Q8_0", "pre_tokenizer": "gpt-2"}]},
+            }
+        )
+    )
     return path
 
 

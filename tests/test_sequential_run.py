@@ -23,9 +23,16 @@ TQ = [{"stage": "turboquant", "preset": "turboquant_3bit_nc", "skip_layers": [],
 
 def write_recipe(tmp: Path, model: Path, data_dir: Path, limit: int, gate: dict | None = None, name="seq") -> Path:
     recipe = {
-        "name": name, "model": {"id": str(model), "dtype": "float32"}, "offline": True,
-        "eval": {"suite": "smoke", "data_dir": str(data_dir), "order": "random", "chunk_items": 20,
-                 "tasks": {"humaneval": None, "gsm8k": None, "truthfulqa_mc1": None, "mmlu": None, "truthfulqa_mc2": {"limit": limit}}},
+        "name": name,
+        "model": {"id": str(model), "dtype": "float32"},
+        "offline": True,
+        "eval": {
+            "suite": "smoke",
+            "data_dir": str(data_dir),
+            "order": "random",
+            "chunk_items": 20,
+            "tasks": {"humaneval": None, "gsm8k": None, "truthfulqa_mc1": None, "mmlu": None, "truthfulqa_mc2": {"limit": limit}},
+        },
         "variants": {"tq": TQ},
     }
     if gate:
@@ -74,8 +81,9 @@ def test_until_decided_stops_when_decided_and_resumes_after_sigkill(tiny_model, 
 
     # a margin of 0.5 points cannot be decided within 80 items: every round runs, and a kill mid-way resumes
     hard = write_recipe(tmp_path, tiny_model, data_dir, 80, gate={"max_drop": {"default": 0.5}, "until_decided": True}, name="hard")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", hard, "--artifacts", art],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", hard, "--artifacts", art], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     marker = art / "hard" / "tq" / "eval" / "truthfulqa_mc2" / "items-000020-000040" / "manifest.json"
     deadline = time.time() + 1200
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
