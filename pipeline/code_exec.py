@@ -37,6 +37,7 @@ UID_BASE = 200_000  # item uids (root only): far above system and login users
 SCRATCH_BYTES = 64 << 20  # default size cap of an item's writable scratch (/tmp, HOME, cwd)
 SETUP_TIMEOUT = 30.0  # seconds for the sandbox to start; the program's own timeout starts after
 OUTPUT_CAP = 64 << 10  # bytes kept of what the sandbox writes to the harness
+SYSTEM_PYTHON = "/usr/bin/python3"  # what programs run with, when present (HumanEval needs only the standard library)
 
 
 class CodeExecutionNotAllowed(RuntimeError):
@@ -61,10 +62,11 @@ class ProgramResult:
 
 # PID 1 of an item's namespaces, run by our own interpreter (-I -S) as root or as the user
 # namespace's root. Reports set-up failures on stderr as "sandbox-init: ..." with exit 125.
-_INIT = r'''
+_INIT = r'''# quantpipe sandbox init
 import ctypes, json, os, resource, signal, sys
 
 cfg = json.loads(sys.argv[1])
+os.write(1, f"init {os.readlink('/proc/self')}\n".encode())  # our pid on the host (its /proc is still mounted): the harness's handle
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
@@ -183,9 +185,10 @@ os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
 # Runs in the sandbox's interpreter as the program's process: reads "token" and the source from
 # stdin, points fds 0-2 at /dev/null, runs the source as __main__ and reports on a private
 # copy of the stdout pipe. A report can only come from here, after the program returned.
-_WRAPPER = r'''
+_WRAPPER = r'''# quantpipe sandbox wrapper
 def run():
     import os, sys, types
+    me = os.getpid()
     head, _, source = sys.stdin.buffer.read().partition(b"\n")
     token = head.decode()
     report, write, exit_ = os.dup(1), os.write, os._exit  # os.dup: not inherited by what the program execs
@@ -212,7 +215,8 @@ def run():
             detail = ""
         kind = "assertion failed" if isinstance(e, AssertionError) else f"exception: {type(e).__name__}"
         reason = f"{kind}: {detail}" if detail else kind
-    write(report, f"{token} {reason}\n".encode(errors="replace"))
+    if os.getpid() == me:  # a forked copy that got here did not run the main process to its end
+        write(report, f"{token} {reason}\n".encode(errors="replace"))
     exit_(0)
 
 
@@ -222,8 +226,8 @@ run()
 
 def _sandbox_python() -> tuple[str, list[str]]:
     """(interpreter the program runs with, folders to bind read-only for it): the system python3, or ours."""
-    if os.path.isfile("/usr/bin/python3"):
-        return "/usr/bin/python3", []
+    if os.path.isfile(SYSTEM_PYTHON):
+        return SYSTEM_PYTHON, []
     exe, prefix = os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
     if exe.startswith("/usr/"):
         return exe, []
@@ -322,11 +326,24 @@ def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: i
     token = secrets.token_hex(16)
     proc = subprocess.Popen(_command(mode, cfg), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd="/", env={"PATH": "/usr/bin:/bin"})
+    lingered, out = False, b""
     try:
         out, err, started, timed_out = _exchange(proc, f"{token}\n{source}".encode(errors="replace"), token.encode(), timeout)
+        if timed_out and out.startswith(b"init ") and proc.poll() is None:
+            # Kill PID 1: the kernel then kills the rest of the namespace, and unshare, which waits for PID 1,
+            # exits only once all of it is gone.
+            try:
+                os.kill(int(out.split(b"\n", 1)[0][5:]), signal.SIGKILL)
+            except (ValueError, ProcessLookupError):
+                pass
+        try:  # when both pipes have closed, PID 1 is exiting: unshare exits once the namespace is empty
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            lingered = True
     finally:
-        # Killing unshare kills PID 1 (--kill-child), and with it every process of the item.
-        proc.kill()
+        # The fallback: killing unshare kills PID 1 too (--kill-child), though without waiting for the namespace.
+        if proc.poll() is None:
+            proc.kill()
         rc = proc.wait()
         for f in (proc.stdin, proc.stdout, proc.stderr):
             f.close()
@@ -337,6 +354,8 @@ def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: i
     if timed_out:
         return ProgramResult(False, "timeout" if started else "sandbox error: did not start within "
                              f"{SETUP_TIMEOUT:.0f} s ({err.decode(errors='replace').strip()[-300:] or 'no message'})")
+    if lingered and not timed_out:
+        return ProgramResult(False, "sandbox error: unshare did not exit after the item ended")
     if not started or rc == 125:
         why = err.decode(errors="replace").strip().splitlines()
         return ProgramResult(False, "sandbox error: " + (why[-1] if why else f"exit status {rc}"))
