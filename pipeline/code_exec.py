@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import json
 import os
 import secrets
 import selectors
@@ -37,6 +36,8 @@ UID_BASE = 200_000  # item uids (root only): far above system and login users
 SCRATCH_BYTES = 64 << 20  # default size cap of an item's writable scratch (/tmp, HOME, cwd)
 SETUP_TIMEOUT = 30.0  # seconds for the sandbox to start; the program's own timeout starts after
 OUTPUT_CAP = 64 << 10  # bytes kept of what the sandbox writes to the harness
+USERNS_HINT = (" (as a regular user the sandbox needs unprivileged user namespaces: user.max_user_namespaces > 0, "
+               "kernel.unprivileged_userns_clone=1 where that exists, no AppArmor/seccomp rule against them; or run as root)")
 SYSTEM_PYTHON = "/usr/bin/python3"  # what programs run with, when present (HumanEval needs only the standard library)
 
 
@@ -63,9 +64,11 @@ class ProgramResult:
 # PID 1 of an item's namespaces, run by our own interpreter (-I -S) as root or as the user
 # namespace's root. Reports set-up failures on stderr as "sandbox-init: ..." with exit 125.
 _INIT = r'''# quantpipe sandbox init
-import ctypes, json, os, resource, signal, sys
+import ctypes, os, resource, signal, sys
 
-cfg = json.loads(sys.argv[1])
+# positional arguments (json would double the start-up time)
+root, uid, gid, setuid, python, scratch, mem, cpu, alarm, wrapper, *binds = sys.argv[1:]
+uid, gid, scratch, mem, cpu, alarm = int(uid), int(gid), int(scratch), int(mem), int(cpu), int(alarm)
 os.write(1, f"init {os.readlink('/proc/self')}\n".encode())  # our pid on the host (its /proc is still mounted): the harness's handle
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
@@ -100,8 +103,7 @@ def ro_bind(src, dst):
         mount(None, m, flags=MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | keep)
 
 
-def build_root(root):
-    uid, gid = cfg["uid"], cfg["gid"]
+def build_root():
     mount(None, "/", flags=MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
     for d in ("usr", "etc", "dev", "proc", "tmp", ".old"):
@@ -113,7 +115,7 @@ def build_root(root):
         elif os.path.isdir(f"/{name}"):
             os.mkdir(f"{root}/{name}")
             ro_bind(f"/{name}", f"{root}/{name}")
-    for path in cfg["binds"]:  # the interpreter's prefix when it lies outside /usr
+    for path in binds:  # the interpreter's prefix when it lies outside /usr
         os.makedirs(root + path)
         ro_bind(path, root + path)
     # /etc: the loader's cache and an account for the item's user, nothing of the host's configuration
@@ -133,7 +135,7 @@ def build_root(root):
     # a /proc of this PID namespace only (mounted while the host's is still visible, as user namespaces require)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={cfg['scratch']},nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
+          f"size={scratch},nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
     check(libc.pivot_root(root.encode(), f"{root}/.old".encode()), "pivot_root")
     os.chdir("/")
     check(libc.umount2(b"/.old", 2), "detach the host's root")  # MNT_DETACH: the host tree is gone from here on
@@ -143,31 +145,29 @@ def build_root(root):
 
 def start_program():
     try:
-        cpu = cfg["cpu"]
-        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, cfg["mem"]), (resource.RLIMIT_FSIZE, 1 << 20),
+        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 1 << 20),
                              (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 64)):
             resource.setrlimit(limit, (value, value))
         with open("/proc/sys/kernel/cap_last_cap") as f:
             for cap in range(int(f.read()) + 1):  # empty bounding set: no exec can regain a capability
                 check(libc.prctl(24, cap, 0, 0, 0), "drop the capability bounding set")  # PR_CAPBSET_DROP
-        if cfg["setuid"]:
+        if setuid == "1":
             os.setgroups([])
-            os.setgid(cfg["gid"])
-            os.setuid(cfg["uid"])
+            os.setgid(gid)
+            os.setuid(uid)
         header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # capability v3: all zero
         check(libc.capset(header, data), "drop capabilities")
         check(libc.prctl(38, 1, 0, 0, 0), "set no_new_privs")  # PR_SET_NO_NEW_PRIVS
         os.chdir("/tmp")
-        py = cfg["python"]
-        os.execve(py, [py, "-I", "-B", "-c", cfg["wrapper"]], {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"})
+        os.execve(python, [python, "-I", "-B", "-c", wrapper], {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"})
     except BaseException as e:
         fail(f"starting the program: {e!r}")
 
 
-build_root(cfg["root"])
+build_root()
 # backstop should the harness die: an item never outlives its time limits
 signal.signal(signal.SIGALRM, lambda *_: os._exit(124))
-signal.alarm(cfg["alarm"])
+signal.alarm(alarm)
 child = os.fork()
 if child == 0:
     start_program()
@@ -196,7 +196,7 @@ def run():
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
-    write(report, f"{token} started\n".encode())
+    write(report, f"\n{token} started\n".encode())
     main = types.ModuleType("__main__")
     main.__file__ = "program.py"
     sys.modules["__main__"] = main
@@ -216,7 +216,7 @@ def run():
         kind = "assertion failed" if isinstance(e, AssertionError) else f"exception: {type(e).__name__}"
         reason = f"{kind}: {detail}" if detail else kind
     if os.getpid() == me:  # a forked copy that got here did not run the main process to its end
-        write(report, f"{token} {reason}\n".encode(errors="replace"))
+        write(report, f"\n{token} {reason}\n".encode(errors="replace"))
     exit_(0)
 
 
@@ -262,13 +262,17 @@ def _mode() -> str:
     return "root" if os.geteuid() == 0 else "user namespace"
 
 
-def _command(mode: str, cfg: dict) -> list[str]:
-    unshare = shutil.which("unshare", path="/usr/bin:/bin")
+def _command(mode: str, uid: int, scratch_bytes: int, mem_bytes: int, timeout: float) -> list[str]:
+    unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if unshare is None:
         raise SandboxUnavailable("the HumanEval sandbox needs util-linux `unshare`, which is not installed")
+    python, binds = _sandbox_python()
+    init_python = SYSTEM_PYTHON if python == SYSTEM_PYTHON else sys.executable  # the system's starts faster than a venv's
+    args = [_root_mountpoint(), uid, uid, int(mode == "root"), python, int(scratch_bytes), int(mem_bytes), int(timeout) + 1,
+            int(SETUP_TIMEOUT + timeout) + 5, _WRAPPER, *binds]
     userns = ["--user", "--map-root-user"] if mode == "user namespace" else []
     return [unshare, *userns, "--pid", "--fork", "--kill-child", "--mount", "--net", "--ipc", "--uts",
-            sys.executable, "-I", "-S", "-c", _INIT, json.dumps(cfg)]
+            init_python, "-I", "-S", "-c", _INIT, *map(str, args)]
 
 
 def _exchange(proc: subprocess.Popen, data: bytes, token: bytes, timeout: float) -> tuple[bytes, bytes, bool, bool]:
@@ -317,14 +321,10 @@ def _exchange(proc: subprocess.Popen, data: bytes, token: bytes, timeout: float)
 
 def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: int | None = None) -> ProgramResult:
     mode = _mode()
-    python, binds = _sandbox_python()
     if uid is None:
         uid = _item_uid() if mode == "root" else 0
-    cfg = {"root": _root_mountpoint(), "uid": uid, "gid": uid, "setuid": mode == "root", "python": python,
-           "binds": binds, "scratch": int(scratch_bytes), "mem": int(mem_bytes), "cpu": int(timeout) + 1,
-           "alarm": int(SETUP_TIMEOUT + timeout) + 5, "wrapper": _WRAPPER}
     token = secrets.token_hex(16)
-    proc = subprocess.Popen(_command(mode, cfg), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_command(mode, uid, scratch_bytes, mem_bytes, timeout), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd="/", env={"PATH": "/usr/bin:/bin"})
     lingered, out = False, b""
     try:
@@ -389,33 +389,38 @@ open("/tmp/x", "w").write("x")
 assert os.statvfs("/tmp").f_blocks * os.statvfs("/tmp").f_frsize == SCRATCH, "scratch size"
 '''
 
+def _probe(mode: str) -> ProgramResult:
+    # host paths that must not exist in there, unless they lead to what is bound in (/usr, the interpreter)
+    shown = ["/usr", *_sandbox_python()[1]]
+    hidden = [p for p in ("/work", "/root", "/home", "/var", "/run", "/mnt", _root_mountpoint(),
+                          os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+              if not any(p == b or b.startswith(p + "/") or p.startswith(b + "/") for b in shown)]
+    uid = _item_uid() if mode == "root" else 0
+    probe = _PROBE.replace("UID", str(uid)).replace("HIDDEN", repr(hidden)).replace("SCRATCH", str(1 << 20))
+    return _run(probe, 10.0, 1 << 30, 1 << 20, uid)
+
+
 _state_lock = threading.Lock()
 _state: tuple[str, str] | None = None  # ("ok", mode) or ("error", message)
 
 
 def check_sandbox() -> str:
-    """The mode in force ("root" or "user namespace"), after a probe program confirmed the guarantees from inside.
+    """The mode in force ("root" or "user namespace"), once a probe program confirmed the guarantees from inside.
     Raises SandboxUnavailable with the reason when they cannot be had. The answer is cached per process."""
     global _state
     with _state_lock:
         if _state is None:
             mode = _mode()
-            hidden = ["/work", "/root", "/home", "/var", "/run", "/mnt", os.path.realpath(tempfile.gettempdir()) + "/x",
-                      os.path.dirname(os.path.dirname(os.path.realpath(__file__)))]
-            uid = _item_uid() if mode == "root" else 0
-            probe = _PROBE.replace("UID", str(uid)).replace("HIDDEN", repr(hidden)).replace("SCRATCH", str(1 << 20))
             try:
-                result = _run(probe, 10.0, 1 << 30, 1 << 20, uid)
+                result = _probe(mode)
             except (OSError, SandboxUnavailable) as e:
                 result = ProgramResult(False, f"sandbox error: {e}")
             if result.passed:
                 _state = ("ok", mode)
             else:
-                hint = ("" if mode == "root" else
-                        " (running as a regular user needs unprivileged user namespaces: kernel.unprivileged_userns_clone=1, "
-                        "user.max_user_namespaces > 0, no AppArmor/seccomp restriction; or run as root)")
-                _state = ("error", f"the HumanEval sandbox is not available ({mode} mode): {result.reason}{hint}; "
-                                   "refusing to run model-written code without it")
+                hint = "" if mode == "root" else USERNS_HINT
+                message = f"the HumanEval sandbox is not available ({mode} mode): {result.reason}{hint}"
+                _state = ("error", message + "; refusing to run model-written code without it")
         kind, value = _state
     if kind == "error":
         raise SandboxUnavailable(value)

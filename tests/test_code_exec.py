@@ -21,8 +21,18 @@ from pathlib import Path
 import pytest
 
 from pipeline import code_exec
-from pipeline.code_exec import (OPT_IN_ENV, UID_BASE, CodeExecutionNotAllowed, ProgramResult, SandboxUnavailable,
-                                check_sandbox, pass_at_k, pass_at_k_estimate, run_program, sandbox_description)
+from pipeline.code_exec import (
+    OPT_IN_ENV,
+    UID_BASE,
+    CodeExecutionNotAllowed,
+    ProgramResult,
+    SandboxUnavailable,
+    check_sandbox,
+    pass_at_k,
+    pass_at_k_estimate,
+    run_program,
+    sandbox_description,
+)
 
 HOSTILE = Path(__file__).parent / "hostile"
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,7 +259,7 @@ print(json.dumps(out))
 
 def run_as_nobody(args: list[str], stdin: str = "", prefix: list[str] = ()) -> subprocess.CompletedProcess:
     cmd = [*prefix, "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", SYSTEM_PYTHON, "-I", *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120, cwd="/",
+    return subprocess.run(cmd, check=False, input=stdin, capture_output=True, text=True, timeout=120, cwd="/",
                           env={"PATH": "/usr/bin:/bin", OPT_IN_ENV: "1"})
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 5b: fill the disk through /tmp. Passes only when the writes stop with "no space" at
 # the scratch's cap, and nothing else (/, /usr, /etc, /dev, /var/tmp, /root) takes a file.
 # Set by the test: CAP (bytes).

@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 3: without root, write into the harness user's folder and SIGKILL the harness.
 # Set by the test: HARNESS_DIR (a folder the harness user owns), HARNESS_PID.
 import os

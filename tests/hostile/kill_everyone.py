@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 2b/3: SIGKILL everything: kill(-1), the harness, unrelated processes the test started
 # (root's and nobody's), and every small pid. Passes only when no signal was delivered.
 # Set by the test: HARNESS_PID, VICTIM_PIDS.

@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 5a: read the project, the data, artifacts, home folders and the host's /tmp. Passes
 # only when none of PATHS exists in the sandbox at all (not merely unreadable), while the
 # interpreter's own library can be read.

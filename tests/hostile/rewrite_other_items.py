@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 2: reach the other items. For DURATION seconds, from the program and from a setsid
 # grandchild, look for any other item's program and overwrite it with a passing one, and
 # signal every process this user may signal with SIGUSR1 (which kills a process that does not

@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 1: a double-forked grandchild in a session of its own, meant to outlive its item and
 # write to the host later. The program ends (and passes) once the grandchild is running.
 # Set by the test: MARKER (host path), DELAY (seconds), TAG (unique word in the grandchild's command line).

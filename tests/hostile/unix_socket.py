@@ -1,3 +1,4 @@
+# ruff: noqa: F821 (the names in capitals are set by the test)
 # Attack 5c: reach the host through sockets: Unix sockets by path and abstract name, and TCP
 # on loopback. Passes only when no connection was made.
 # Set by the test: SOCKETS (paths), ABSTRACT (names), PORTS.
