@@ -36,6 +36,7 @@ UID_BASE = 200_000  # item uids (root only): far above system and login users
 SCRATCH_BYTES = 64 << 20  # default size cap of an item's writable scratch (/tmp, HOME, cwd)
 SETUP_TIMEOUT = 30.0  # seconds for the sandbox to start; the program's own timeout starts after
 OUTPUT_CAP = 64 << 10  # bytes kept of what the sandbox writes to the harness
+ROOT_HINT = " (as root the sandbox needs to create namespaces and mount: a container without CAP_SYS_ADMIN cannot)"
 USERNS_HINT = (" (as a regular user the sandbox needs unprivileged user namespaces: user.max_user_namespaces > 0, "
                "kernel.unprivileged_userns_clone=1 where that exists, no AppArmor/seccomp rule against them; or run as root)")
 SYSTEM_PYTHON = "/usr/bin/python3"  # what programs run with, when present (HumanEval needs only the standard library)
@@ -73,6 +74,8 @@ os.write(1, f"init {os.readlink('/proc/self')}\n".encode())  # our pid on the ho
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+# (pivot_root, keyctl) syscall numbers: glibc before 2.34 has no pivot_root, and none has keyctl
+SYSCALLS = {"x86_64": (155, 250), "aarch64": (41, 219), "riscv64": (41, 219), "ppc64le": (203, 280), "s390x": (217, 280)}
 
 
 def fail(what):
@@ -104,6 +107,8 @@ def ro_bind(src, dst):
 
 
 def build_root():
+    if os.uname().machine not in SYSCALLS:
+        fail(f"unsupported architecture {os.uname().machine}")
     mount(None, "/", flags=MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
     mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
     for d in ("usr", "etc", "dev", "proc", "tmp", ".old"):
@@ -136,7 +141,7 @@ def build_root():
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
           f"size={scratch},nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
-    check(libc.pivot_root(root.encode(), f"{root}/.old".encode()), "pivot_root")
+    check(libc.syscall(SYSCALLS[os.uname().machine][0], root.encode(), f"{root}/.old".encode()), "pivot_root")
     os.chdir("/")
     check(libc.umount2(b"/.old", 2), "detach the host's root")  # MNT_DETACH: the host tree is gone from here on
     os.rmdir("/.old")
@@ -155,6 +160,9 @@ def start_program():
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
+        # a new, empty session keyring: the harness's would let the program read its keys as their possessor
+        if libc.syscall(SYSCALLS[os.uname().machine][1], 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING
+            fail(f"join a new session keyring: {os.strerror(ctypes.get_errno())}")
         header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # capability v3: all zero
         check(libc.capset(header, data), "drop capabilities")
         check(libc.prctl(38, 1, 0, 0, 0), "set no_new_privs")  # PR_SET_NO_NEW_PRIVS
@@ -418,7 +426,7 @@ def check_sandbox() -> str:
             if result.passed:
                 _state = ("ok", mode)
             else:
-                hint = "" if mode == "root" else USERNS_HINT
+                hint = ROOT_HINT if mode == "root" else USERNS_HINT
                 message = f"the HumanEval sandbox is not available ({mode} mode): {result.reason}{hint}"
                 _state = ("error", message + "; refusing to run model-written code without it")
         kind, value = _state

@@ -81,6 +81,7 @@ def test_correct_and_wrong_programs():
     assert run_program("assert 1 == 2, 'one is not two'\n").reason == "assertion failed: one is not two"
     assert run_program("def f(:\n").reason.startswith("exception: SyntaxError: ")
     assert run_program("undefined_name\n").reason == "exception: NameError: name 'undefined_name' is not defined"
+    assert run_program("import ctypes\nctypes.string_at(0)\n").reason == "killed: signal SIGSEGV"
     # run as a script, like `python program.py`
     assert run_program("import sys\ndef add(): pass\nassert __name__ == '__main__' and sys.modules['__main__'].add is add\n").passed
 
@@ -204,6 +205,30 @@ def test_no_sockets_or_network(tmp_path):
     finally:
         for s in listeners:
             s.close()
+
+
+KEYRING_HARNESS = """
+import ctypes, json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.code_exec import run_program
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.syscall(250, 1, b"qp-test-session") > 0  # KEYCTL_JOIN_SESSION_KEYRING, a named one as a login would
+assert libc.syscall(248, b"user", sys.argv[2].encode(), b"s3cret", 6, -3) > 0  # add_key to it
+source = sys.stdin.read()
+unsandboxed = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
+print(json.dumps({"unsandboxed": unsandboxed.stderr.strip().splitlines()[-1:], "sandboxed": run_program(source).reason}))
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the hostile program uses x86_64 syscall numbers")
+def test_harness_keyring_is_out_of_reach():
+    name = f"qp-secret-{secrets.token_hex(4)}"
+    out = subprocess.run([sys.executable, "-c", KEYRING_HARNESS, str(ROOT), name], input=hostile("read_keyring", DESCRIPTION=name),
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["unsandboxed"] == [f"AssertionError: read the harness's key {got['unsandboxed'][0].split()[-2]} b's3cret'"]
+    assert got["sandboxed"] == "passed"
 
 
 def test_check_and_description():
