@@ -3,12 +3,12 @@
 Every item gets its own PID, mount, network, IPC and UTS namespaces (`unshare --pid --fork
 --kill-child ...`). A trusted init (_INIT, PID 1 there) builds a fresh tmpfs root holding
 read-only binds of /usr, a few device nodes, a new /proc and a size-capped writable scratch,
-pivot_roots into it and detaches the host's tree, then starts the program without any
-capability: as a uid of its own (200000 and up, one per item) when we are root, or as the
-namespace's root user stripped of capabilities inside a user namespace when we are not. When
-the program's main process ends, or the timeout kills `unshare`, PID 1 dies and the kernel
-kills everything left in the namespace. A wrapper (_WRAPPER) runs the program and then
-reports a per-item random token on a pipe: an item passes only when its program ran to the end.
+pivot_roots into it and detaches the host's tree, then starts the program with rlimits, a new
+session keyring and no capability: as a uid of its own (200000 and up, one per item) when we
+are root, or as a user namespace's root stripped of capabilities when we are not. When the
+program's main process ends, or the timeout kills PID 1, the kernel kills everything left in
+the namespace before unshare returns. A wrapper (_WRAPPER) runs the program and then reports a
+per-item random token on a pipe: an item passes only when its program ran to the end.
 Where these guarantees cannot be had, nothing runs: SandboxUnavailable says why.
 docs/sandbox.md says what this guarantees, what it does not, and how it is tested.
 """
@@ -62,8 +62,8 @@ class ProgramResult:
         return self.passed
 
 
-# PID 1 of an item's namespaces, run by our own interpreter (-I -S) as root or as the user
-# namespace's root. Reports set-up failures on stderr as "sandbox-init: ..." with exit 125.
+# PID 1 of an item's namespaces (run with -I -S by the system python3, else ours), as root or as
+# the user namespace's root. Reports set-up failures on stderr as "sandbox-init: ..." with exit 125.
 _INIT = r'''# quantpipe sandbox init
 import ctypes, os, resource, signal, sys
 
