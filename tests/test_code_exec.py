@@ -181,22 +181,23 @@ def test_scratch_is_capped():
     assert not {x for x in set(os.listdir(tempfile.gettempdir())) - before if x.startswith("fill")}
 
 
-def test_no_sockets_or_network(tmp_path):
-    listeners = []
+def test_no_sockets_or_network():
+    folder = tempfile.mkdtemp(prefix="qp-sockets-")
+    os.chmod(folder, 0o755)  # a socket anyone may connect to, were it visible
     unix = socket.socket(socket.AF_UNIX)
-    unix.bind(str(tmp_path / "harness.sock"))
+    unix.bind(f"{folder}/harness.sock")
+    os.chmod(f"{folder}/harness.sock", 0o777)
     abstract_name = f"qp-test-{secrets.token_hex(4)}"
     abstract = socket.socket(socket.AF_UNIX)
     abstract.bind("\0" + abstract_name)
     tcp = socket.create_server(("127.0.0.1", 0))
     listeners = [unix, abstract, tcp]
-    host_sockets = [str(p) for folder in ("/run", "/tmp", "/var/run") for p in Path(folder).glob("**/*")
-                    if p.is_socket()][:20] if os.path.isdir("/run") else []
+    host_sockets = [str(p) for p in Path("/run").glob("**/*") if p.is_socket()][:20]
     try:
         for s in listeners:
             s.listen()
             s.setblocking(False)
-        result = run_program(hostile("unix_socket", SOCKETS=[str(tmp_path / "harness.sock"), *host_sockets],
+        result = run_program(hostile("unix_socket", SOCKETS=[f"{folder}/harness.sock", *host_sockets],
                                      ABSTRACT=[abstract_name], PORTS=[tcp.getsockname()[1]]))
         assert result.reason == "passed"
         for s in listeners:  # nothing connected
@@ -205,6 +206,7 @@ def test_no_sockets_or_network(tmp_path):
     finally:
         for s in listeners:
             s.close()
+        shutil.rmtree(folder)
 
 
 KEYRING_HARNESS = """
@@ -294,12 +296,24 @@ def test_non_root_harness_is_contained_too():
     os.chown(folder, NOBODY, NOBODY)
     victim = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "sleep", "60"])
     tag = f"qp-grandchild-{secrets.token_hex(4)}"
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(f"{folder}/harness.sock")
+    os.chown(f"{folder}/harness.sock", NOBODY, NOBODY)
+    abstract_name = f"qp-test-{secrets.token_hex(4)}"
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\0" + abstract_name)
+    tcp = socket.create_server(("127.0.0.1", 0))
+    for s in (unix, abstract, tcp):
+        s.listen()
+        s.setblocking(False)
     items = [
         ["harness_attack", hostile("harness_attack", HARNESS_DIR=folder), {}],
         ["kill_everyone", hostile("kill_everyone", VICTIM_PIDS=[victim.pid]), {}],
         ["setsid_grandchild", hostile("setsid_grandchild", MARKER=f"{folder}/escaped", DELAY=1, TAG=tag), {}],
         ["read_host", hostile("read_host", PATHS=[folder, str(ROOT), "/work", "/root", "/home"]), {}],
         ["fill_scratch", hostile("fill_scratch", CAP=4 << 20), {"scratch_bytes": 4 << 20}],
+        ["unix_socket", hostile("unix_socket", SOCKETS=[f"{folder}/harness.sock"], ABSTRACT=[abstract_name],
+                                PORTS=[tcp.getsockname()[1]]), {}],
         ["sys_exit", hostile("sys_exit"), {}],
         ["os_exit", hostile("os_exit"), {}],
         ["loop", "while True:\n    pass\n", {"timeout": 1}],
@@ -313,10 +327,15 @@ def test_non_root_harness_is_contained_too():
             pytest.skip(f"user namespaces are not available to nobody here: {got['unavailable']}")
         assert got.pop("mode") == "user namespace" and got.pop("uid") == NOBODY
         assert got == {"harness_attack": "passed", "kill_everyone": "passed", "setsid_grandchild": "passed",
-                       "read_host": "passed", "fill_scratch": "passed", "sys_exit": "exit before end",
+                       "read_host": "passed", "fill_scratch": "passed", "unix_socket": "passed", "sys_exit": "exit before end",
                        "os_exit": "exit before end", "loop": "timeout", "memory": "killed: memory"}
-        assert os.listdir(folder) == [] and victim.poll() is None and not item_processes(tag)
+        assert os.listdir(folder) == ["harness.sock"] and victim.poll() is None and not item_processes(tag)
+        for s in (unix, abstract, tcp):
+            with pytest.raises(BlockingIOError):
+                s.accept()
     finally:
+        for s in (unix, abstract, tcp):
+            s.close()
         victim.kill()
         victim.wait()
         shutil.rmtree(folder)
