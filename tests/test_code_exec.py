@@ -52,7 +52,10 @@ def hostile(name: str, **params) -> str:
 
 
 def item_processes(tag: str = "") -> list[str]:
-    """Processes of any item still alive: the sandbox's init or wrapper, an item uid, or `tag` in the command line."""
+    """Processes still alive of any item this process ran: an item uid (root), its init (whose command line names
+    our mount point), or `tag` in the command line. Items of other test runs do not count."""
+    first_uid = UID_BASE + code_exec._uid_block
+    mark = code_exec._root_mountpoint().encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -62,7 +65,7 @@ def item_processes(tag: str = "") -> list[str]:
             uid = int(next(x for x in (proc / "status").read_text().splitlines() if x.startswith("Uid:")).split()[1])
         except (OSError, StopIteration):
             continue
-        if b"quantpipe sandbox" in cmd or (tag and tag.encode() in cmd) or UID_BASE <= uid < NOBODY << 16:
+        if mark in cmd or (tag and tag.encode() in cmd) or first_uid <= uid < first_uid + 100_000:
             found.append(f"{proc.name} uid={uid} {cmd[:80]!r}")
     return found
 
