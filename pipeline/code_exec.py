@@ -33,6 +33,8 @@ from .errors import QuantpipeError
 
 OPT_IN_ENV = "QUANTPIPE_ALLOW_CODE_EXECUTION"
 UID_BASE = 200_000  # item uids (root only): far above system and login users
+DEFAULT_TIMEOUT = 10.0  # seconds of wall time per program
+DEFAULT_MEM = 1 << 30  # address space per process
 SCRATCH_BYTES = 64 << 20  # default size cap of an item's writable scratch (/tmp, HOME, cwd)
 SETUP_TIMEOUT = 30.0  # seconds for the sandbox to start; the program's own timeout starts after
 OUTPUT_CAP = 64 << 10  # bytes kept of what the sandbox writes to the harness
@@ -439,16 +441,18 @@ def sandbox_description() -> str:
     """What is in force, for `quantpipe doctor`; never raises."""
     try:
         mode = check_sandbox()
+        python = _sandbox_python()[0]
     except SandboxUnavailable as e:
         return f"UNAVAILABLE: {e}"
-    who = (f"uid {UID_BASE}+ (one per item), no capabilities" if mode == "root"
-           else "user namespace root mapped to our uid, no capabilities")
-    return (f"per item: PID/mount/net/IPC/UTS namespaces killed as a unit; {who}; fresh tmpfs root with read-only /usr, "
-            f"own /proc, no host files, no network or host sockets; writable scratch capped at {SCRATCH_BYTES >> 20} MiB; "
-            "rlimits (CPU, memory, processes, files); timeout; pass = ran to the end")
+    who = (f"a uid of its own ({UID_BASE}+)" if mode == "root" else "a user namespace's root (our uid outside)")
+    return (f"{mode} mode; per item: own PID/mount/network/IPC/UTS namespaces (its processes die with it), "
+            f"{who} without capabilities, no_new_privs, new session keyring; read-only tmpfs root with /usr read-only, "
+            f"own /proc, no other host files, no network or host sockets; writable /tmp capped at {SCRATCH_BYTES >> 20} MiB; "
+            f"limits: {DEFAULT_TIMEOUT:.0f} s, {DEFAULT_MEM >> 30} GiB address space, 64 processes, 64 files, 1 MiB a file; "
+            f"passes only by running to its end; interpreter {python}")
 
 
-def run_program(source: str, timeout: float = 10.0, mem_bytes: int = 1 << 30,
+def run_program(source: str, timeout: float = DEFAULT_TIMEOUT, mem_bytes: int = DEFAULT_MEM,
                 scratch_bytes: int = SCRATCH_BYTES) -> ProgramResult:
     """Run one program in its own sandbox; passed only when it ran to its end within the limits.
 

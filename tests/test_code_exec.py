@@ -240,7 +240,8 @@ def test_check_and_description():
     mode = check_sandbox()
     assert mode == ("root" if os.geteuid() == 0 else "user namespace")
     text = sandbox_description()
-    assert "PID/mount/net" in text and "no capabilities" in text and "ran to the end" in text
+    assert text.startswith(f"{mode} mode; per item: own PID/mount/network/IPC/UTS namespaces")
+    assert "without capabilities" in text and "capped at 64 MiB" in text and "running to its end" in text
 
 
 def test_interpreter_outside_usr_is_bound_read_only(monkeypatch):
