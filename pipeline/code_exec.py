@@ -37,7 +37,7 @@ DEFAULT_TIMEOUT = 10.0  # seconds of wall time per program
 DEFAULT_MEM = 1 << 30  # address space per process
 SCRATCH_BYTES = 64 << 20  # default size cap of an item's writable scratch (/tmp, HOME, cwd)
 SETUP_TIMEOUT = 30.0  # seconds for the sandbox to start; the program's own timeout starts after
-OUTPUT_CAP = 64 << 10  # bytes kept of what the sandbox writes to the harness
+OUTPUT_CAP = 64 << 10  # bytes kept of the start of what the sandbox writes to the harness (and 4 KiB of its end)
 ROOT_HINT = " (as root the sandbox needs to create namespaces and mount: a container without CAP_SYS_ADMIN cannot)"
 USERNS_HINT = (" (as a regular user the sandbox needs unprivileged user namespaces: user.max_user_namespaces > 0, "
                "kernel.unprivileged_userns_clone=1 where that exists, no AppArmor/seccomp rule against them; or run as root)")
@@ -286,12 +286,13 @@ def _command(mode: str, uid: int, scratch_bytes: int, mem_bytes: int, timeout: f
 
 
 def _exchange(proc: subprocess.Popen, data: bytes, token: bytes, timeout: float) -> tuple[bytes, bytes, bool, bool]:
-    """Feed stdin, read stdout/stderr (capped) until both close. The program's timeout starts when the
-    wrapper says it started. Returns (stdout, stderr, started, timed_out)."""
+    """Feed stdin, read stdout/stderr until both close, keeping the start and the end of each (the
+    wrapper's final report comes last, whatever the program wrote before it). The program's timeout
+    starts when the wrapper says it started. Returns (stdout, stderr, started, timed_out)."""
     started_line = token + b" started\n"
     deadline = time.monotonic() + SETUP_TIMEOUT
-    out, err = bytearray(), bytearray()
-    started = False
+    out, err = (bytearray(), bytearray()), (bytearray(), bytearray())  # (head, tail)
+    started, timed_out = False, False
     sel = selectors.DefaultSelector()
     os.set_blocking(proc.stdin.fileno(), False)
     sel.register(proc.stdin, selectors.EVENT_WRITE)
@@ -302,7 +303,8 @@ def _exchange(proc: subprocess.Popen, data: bytes, token: bytes, timeout: float)
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                return bytes(out), bytes(err), started, True
+                timed_out = True
+                break
             for key, _ in sel.select(left):
                 if key.fileobj is proc.stdin:
                     try:
@@ -319,14 +321,18 @@ def _exchange(proc: subprocess.Popen, data: bytes, token: bytes, timeout: float)
                 if not chunk:
                     sel.unregister(key.fileobj)
                     continue
-                if len(key.data) < OUTPUT_CAP:
-                    key.data.extend(chunk)
-                if not started and started_line in out:
+                head, tail = key.data
+                if len(head) < OUTPUT_CAP:
+                    head.extend(chunk)
+                else:
+                    tail.extend(chunk)
+                    del tail[:-4096]
+                if not started and started_line in out[0]:
                     started = True
                     deadline = time.monotonic() + timeout
     finally:
         sel.close()
-    return bytes(out), bytes(err), started, False
+    return bytes(out[0] + b"\n" + out[1]), bytes(err[0] + b"\n" + err[1]), started, timed_out
 
 
 def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: int | None = None) -> ProgramResult:

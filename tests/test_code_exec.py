@@ -85,6 +85,9 @@ def test_correct_and_wrong_programs():
     assert run_program("def f(:\n").reason.startswith("exception: SyntaxError: ")
     assert run_program("undefined_name\n").reason == "exception: NameError: name 'undefined_name' is not defined"
     assert run_program("import ctypes\nctypes.string_at(0)\n").reason == "killed: signal SIGSEGV"
+    # junk written to every descriptor, the wrapper's report pipe included, does not hide the outcome
+    junk = "import os\nfor fd in range(10):\n    try:\n        os.write(fd, b'junk' * 100000)\n    except OSError:\n        pass\n"
+    assert run_program(junk).passed and run_program(junk + "assert 0\n").reason == "assertion failed"
     # run as a script, like `python program.py`
     assert run_program("import sys\ndef add(): pass\nassert __name__ == '__main__' and sys.modules['__main__'].add is add\n").passed
 
