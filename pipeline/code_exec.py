@@ -72,7 +72,8 @@ import ctypes, os, resource, signal, sys
 # positional arguments (json would double the start-up time)
 root, uid, gid, setuid, python, scratch, mem, cpu, alarm, wrapper, *binds = sys.argv[1:]
 uid, gid, scratch, mem, cpu, alarm = int(uid), int(gid), int(scratch), int(mem), int(cpu), int(alarm)
-os.write(1, f"init {os.readlink('/proc/self')}\n".encode())  # our pid on the host (its /proc is still mounted): the harness's handle
+# our pid on the host (whose /proc is still mounted here): the harness kills us by it at the timeout
+os.write(1, f"init {os.readlink('/proc/self')}\n".encode())
 libc = ctypes.CDLL(None, use_errno=True)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
@@ -340,8 +341,8 @@ def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: i
     if uid is None:
         uid = _item_uid() if mode == "root" else 0
     token = secrets.token_hex(16)
-    proc = subprocess.Popen(_command(mode, uid, scratch_bytes, mem_bytes, timeout), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd="/", env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.Popen(_command(mode, uid, scratch_bytes, mem_bytes, timeout), cwd="/", env={"PATH": "/usr/bin:/bin"},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lingered, out = False, b""
     try:
         out, err, started, timed_out = _exchange(proc, f"{token}\n{source}".encode(errors="replace"), token.encode(), timeout)
@@ -363,7 +364,8 @@ def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: i
         rc = proc.wait()
         for f in (proc.stdin, proc.stdout, proc.stderr):
             f.close()
-    reports = [line[len(token) + 1:].decode(errors="replace") for line in out.split(b"\n") if line.startswith(token.encode() + b" ")]
+    mark = token.encode() + b" "
+    reports = [line[len(mark):].decode(errors="replace") for line in out.split(b"\n") if line.startswith(mark)]
     final = [r for r in reports if r != "started"]
     if final:
         return ProgramResult(final[0] == "passed", final[0])

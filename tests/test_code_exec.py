@@ -86,10 +86,12 @@ def test_correct_and_wrong_programs():
     assert run_program("undefined_name\n").reason == "exception: NameError: name 'undefined_name' is not defined"
     assert run_program("import ctypes\nctypes.string_at(0)\n").reason == "killed: signal SIGSEGV"
     # junk written to every descriptor, the wrapper's report pipe included, does not hide the outcome
-    junk = "import os\nfor fd in range(10):\n    try:\n        os.write(fd, b'junk' * 100000)\n    except OSError:\n        pass\n"
+    junk = "import os\nfor fd in range(10):\n    try:\n        os.write(fd, b'junk' * 100000)\n    except OSError:\n" \
+           "        pass\n"
     assert run_program(junk).passed and run_program(junk + "assert 0\n").reason == "assertion failed"
     # run as a script, like `python program.py`
-    assert run_program("import sys\ndef add(): pass\nassert __name__ == '__main__' and sys.modules['__main__'].add is add\n").passed
+    script = "import sys\ndef add(): pass\nassert __name__ == '__main__' and sys.modules['__main__'].add is add\n"
+    assert run_program(script).passed
 
 
 def test_pass_at_k_matches_code_eval_contract():
@@ -231,8 +233,8 @@ print(json.dumps({"unsandboxed": unsandboxed.stderr.strip().splitlines()[-1:], "
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the hostile program uses x86_64 syscall numbers")
 def test_harness_keyring_is_out_of_reach():
     name = f"qp-secret-{secrets.token_hex(4)}"
-    out = subprocess.run([sys.executable, "-c", KEYRING_HARNESS, str(ROOT), name], input=hostile("read_keyring", DESCRIPTION=name),
-                         capture_output=True, text=True, timeout=60, check=False)
+    out = subprocess.run([sys.executable, "-c", KEYRING_HARNESS, str(ROOT), name], capture_output=True, text=True,
+                         input=hostile("read_keyring", DESCRIPTION=name), timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["unsandboxed"] == [f"AssertionError: read the harness's key {got['unsandboxed'][0].split()[-2]} b's3cret'"]
@@ -354,8 +356,8 @@ def test_refuses_clearly_without_user_namespaces():
     # The kernel refuses user namespaces to a process in a chroot: bind the whole tree elsewhere and chroot there.
     folder = tempfile.mkdtemp(prefix="qp-chroot-")
     try:
-        out = run_as_nobody(["-c", NONROOT_HARNESS, str(ROOT)],
-                            prefix=["unshare", "--mount", "sh", "-c", f"mount --rbind / {folder} && exec {shutil.which('chroot')} {folder} \"$@\"", "-"])
+        chroot = f"mount --rbind / {folder} && exec {shutil.which('chroot')} {folder} \"$@\""
+        out = run_as_nobody(["-c", NONROOT_HARNESS, str(ROOT)], prefix=["unshare", "--mount", "sh", "-c", chroot, "-"])
         assert out.returncode == 0, out.stderr
         first, second = (json.loads(x) for x in out.stdout.splitlines())
         assert first["unavailable"].startswith("the HumanEval sandbox is not available (user namespace mode)")
