@@ -1,121 +1,535 @@
-"""Run model-written programs (HumanEval) in a sandboxed child process, and score pass@k.
+"""Run model-written programs (HumanEval) in a per-item sandbox, and score pass@k.
 
-Each program runs in its own session/process group, in an empty temporary directory, with
-limits on CPU time, address space, file size, open files and processes, no inherited
-environment, in a fresh network namespace with no interfaces when the platform allows one,
-as the unprivileged user `nobody` when we are root (so it cannot signal the harness or write
-the machine's files), and with a wall-clock timeout after which the whole process group is
-killed. Running anything requires an explicit opt-in.
+Every item gets its own PID, mount, network, IPC and UTS namespaces (`unshare --pid --fork
+--kill-child ...`). A trusted init (_INIT, PID 1 there) builds a fresh tmpfs root holding
+read-only binds of /usr, a few device nodes, a new /proc and a size-capped writable scratch,
+pivot_roots into it and detaches the host's tree, then starts the program with rlimits, a new
+session keyring and no capability: as a uid of its own (200000 and up, one per item) when we
+are root, or as a user namespace's root stripped of capabilities when we are not. When the
+program's main process ends, or the timeout kills PID 1, the kernel kills everything left in
+the namespace before unshare returns. A wrapper (_WRAPPER) runs the program and then reports a
+per-item random token on a pipe: an item passes only when its program ran to the end.
+Where these guarantees cannot be had, nothing runs: SandboxUnavailable says why.
+docs/sandbox.md says what this guarantees, what it does not, and how it is tested.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import os
-import resource
+import secrets
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from functools import lru_cache
+import threading
+import time
+from dataclasses import dataclass
 
-import numpy as np
+from .errors import QuantpipeError
 
 OPT_IN_ENV = "QUANTPIPE_ALLOW_CODE_EXECUTION"
+UID_BASE = 200_000  # item uids (root only): far above system and login users
+DEFAULT_TIMEOUT = 10.0  # seconds of wall time per program
+DEFAULT_MEM = 1 << 30  # address space per process
+SCRATCH_BYTES = 64 << 20  # default size cap of an item's writable scratch (/tmp, HOME, cwd)
+SETUP_TIMEOUT = 30.0  # seconds for the sandbox to start; the program's own timeout starts after
+OUTPUT_CAP = 64 << 10  # bytes kept of the start of what the sandbox writes to the harness (and 4 KiB of its end)
+ROOT_HINT = " (as root the sandbox needs to create namespaces and mount: a container without CAP_SYS_ADMIN cannot)"
+USERNS_HINT = (
+    " (as a regular user the sandbox needs unprivileged user namespaces: user.max_user_namespaces > 0, "
+    "kernel.unprivileged_userns_clone=1 where that exists, no AppArmor/seccomp rule against them; or run as root)"
+)
+SYSTEM_PYTHON = "/usr/bin/python3"  # what programs run with, when present (HumanEval needs only the standard library)
 
 
 class CodeExecutionNotAllowed(RuntimeError):
     pass
 
 
-def _limits(cpu_s: int, mem_bytes: int) -> None:
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
-    resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_NPROC, (64, 64))  # not enforced for root; the group kill covers it
+class SandboxUnavailable(QuantpipeError):
+    """The sandbox's guarantees cannot be had here (or it failed on an item), so no program runs."""
 
 
-NOBODY = 65534
+@dataclass(frozen=True)
+class ProgramResult:
+    """Whether a program passed, and why not: "passed", "assertion failed[: msg]", "exception: Type[: msg]",
+    "timeout", "killed: memory", "killed: cpu time", "killed: signal NAME", "exit before end", "sandbox error: ..."."""
+
+    passed: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.passed
 
 
-@lru_cache(maxsize=1)
-def _launcher() -> tuple[tuple[str, ...], str, bool]:
-    """(command prefix, interpreter, drops privileges).
+# PID 1 of an item's namespaces (run with -I -S by the system python3, else ours), as root or as
+# the user namespace's root. Reports set-up failures on stderr as "sandbox-init: ..." with exit 125.
+_INIT = r"""# quantpipe sandbox init
+import ctypes, os, resource, signal, sys
 
-    As root: `unshare --net --setuid nobody` gives a network namespace with no interfaces and
-    an unprivileged user, and the interpreter must be one `nobody` can execute (a system
-    python3; HumanEval programs need only the standard library). Otherwise: the same
-    interpreter as ours, and `unshare --net --map-root-user` where user namespaces are allowed.
-    """
-    exe = shutil.which("unshare")
-    system_python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    candidates = []
-    if os.geteuid() == 0 and exe:
-        candidates.append(((exe, "--net", "--setgid", str(NOBODY), "--setuid", str(NOBODY)), system_python, True))
-    if exe:
-        candidates.append(((exe, "--net", "--map-root-user"), sys.executable, False))
-    for prefix, python, drops in candidates:
+# positional arguments (json would double the start-up time)
+root, uid, gid, setuid, python, scratch, mem, cpu, alarm, wrapper, *binds = sys.argv[1:]
+uid, gid, scratch, mem, cpu, alarm = int(uid), int(gid), int(scratch), int(mem), int(cpu), int(alarm)
+# our pid on the host (whose /proc is still mounted here): the harness kills us by it at the timeout
+os.write(1, f"init {os.readlink('/proc/self')}\n".encode())
+libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+# (pivot_root, keyctl) syscall numbers: glibc before 2.34 has no pivot_root, and none has keyctl
+SYSCALLS = {"x86_64": (155, 250), "aarch64": (41, 219), "riscv64": (41, 219), "ppc64le": (203, 280), "s390x": (217, 280)}
+
+
+def fail(what):
+    os.write(2, f"sandbox-init: {what}\n".encode())
+    os._exit(125)
+
+
+def check(rc, what):
+    if rc != 0:
+        fail(f"{what}: {os.strerror(ctypes.get_errno())}")
+
+
+def mount(src, dst, fstype=None, flags=0, data=None):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    check(libc.mount(enc(src), enc(dst), enc(fstype), ctypes.c_ulong(flags), enc(data)), f"mount {src or fstype} on {dst}")
+
+
+def ro_bind(src, dst):
+    # Read-only, with its submounts. Keep the flags a user namespace locks (noexec, atime), or the remount is refused.
+    mount(src, dst, flags=MS_BIND | MS_REC)
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+                  for line in f]
+    for m in sorted({p for p in points if p == dst or p.startswith(dst + "/")}):
+        st = os.statvfs(m).f_flag
+        keep = (MS_NOEXEC if st & os.ST_NOEXEC else 0) | (MS_NODIRATIME if st & os.ST_NODIRATIME else 0)
+        keep |= MS_NOATIME if st & os.ST_NOATIME else MS_RELATIME if st & os.ST_RELATIME else MS_STRICTATIME
+        mount(None, m, flags=MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | keep)
+
+
+def build_root():
+    if os.uname().machine not in SYSCALLS:
+        fail(f"unsupported architecture {os.uname().machine}")
+    mount(None, "/", flags=MS_REC | MS_PRIVATE)  # nothing we mount propagates to the host
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+    for d in ("usr", "etc", "dev", "proc", "tmp", ".old"):
+        os.mkdir(f"{root}/{d}")
+    ro_bind("/usr", f"{root}/usr")
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):  # merged-/usr links, or real folders
+        if os.path.islink(f"/{name}"):
+            os.symlink(os.readlink(f"/{name}"), f"{root}/{name}")
+        elif os.path.isdir(f"/{name}"):
+            os.mkdir(f"{root}/{name}")
+            ro_bind(f"/{name}", f"{root}/{name}")
+    for path in binds:  # the interpreter's prefix when it lies outside /usr
+        os.makedirs(root + path)
+        ro_bind(path, root + path)
+    # /etc: the loader's cache and an account for the item's user, nothing of the host's configuration
+    if os.path.isfile("/etc/ld.so.cache"):
+        open(f"{root}/etc/ld.so.cache", "w").close()
+        ro_bind("/etc/ld.so.cache", f"{root}/etc/ld.so.cache")
+    with open(f"{root}/etc/passwd", "w") as f:
+        f.write(f"sandbox:x:{uid}:{gid}::/tmp:/usr/sbin/nologin\n")
+    with open(f"{root}/etc/group", "w") as f:
+        f.write(f"sandbox:x:{gid}:\n")
+    for dev in ("null", "zero", "full", "random", "urandom"):
+        open(f"{root}/dev/{dev}", "w").close()
+        mount(f"/dev/{dev}", f"{root}/dev/{dev}", flags=MS_BIND)
+    for link, target in (("shm", "/tmp"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{link}")
+    # a /proc of this PID namespace only (mounted while the host's is still visible, as user namespaces require)
+    mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+          f"size={scratch},nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
+    check(libc.syscall(SYSCALLS[os.uname().machine][0], root.encode(), f"{root}/.old".encode()), "pivot_root")
+    os.chdir("/")
+    check(libc.umount2(b"/.old", 2), "detach the host's root")  # MNT_DETACH: the host tree is gone from here on
+    os.rmdir("/.old")
+    mount(None, "/", flags=MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def start_program():
+    try:
+        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 1 << 20),
+                             (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 64)):
+            resource.setrlimit(limit, (value, value))
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            for cap in range(int(f.read()) + 1):  # empty bounding set: no exec can regain a capability
+                check(libc.prctl(24, cap, 0, 0, 0), "drop the capability bounding set")  # PR_CAPBSET_DROP
+        if setuid == "1":
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        # a new, empty session keyring: the harness's would let the program read its keys as their possessor
+        if libc.syscall(SYSCALLS[os.uname().machine][1], 1, None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING
+            fail(f"join a new session keyring: {os.strerror(ctypes.get_errno())}")
+        header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()  # capability v3: all zero
+        check(libc.capset(header, data), "drop capabilities")
+        check(libc.prctl(38, 1, 0, 0, 0), "set no_new_privs")  # PR_SET_NO_NEW_PRIVS
+        os.chdir("/tmp")
+        os.execve(python, [python, "-I", "-B", "-c", wrapper], {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"})
+    except BaseException as e:
+        fail(f"starting the program: {e!r}")
+
+
+build_root()
+# backstop should the harness die: an item never outlives its time limits
+signal.signal(signal.SIGALRM, lambda *_: os._exit(124))
+signal.alarm(alarm)
+child = os.fork()
+if child == 0:
+    start_program()
+null = os.open("/dev/null", os.O_RDWR)
+os.dup2(null, 0)
+os.dup2(null, 1)  # the program alone holds the stdin and result pipes
+while True:
+    pid, status = os.waitpid(-1, 0)  # as PID 1, reap orphans too
+    if pid == child:
+        break
+# any normal exit of the program is 0 here: only the wrapper's report says it reached the end
+os._exit(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0)
+"""
+
+# Runs in the sandbox's interpreter as the program's process: reads "token" and the source from
+# stdin, points fds 0-2 at /dev/null, runs the source as __main__ and reports on a private
+# copy of the stdout pipe. A report can only come from here, after the program returned.
+_WRAPPER = r"""# quantpipe sandbox wrapper
+def run():
+    import os, sys, types
+    me = os.getpid()
+    head, _, source = sys.stdin.buffer.read().partition(b"\n")
+    token = head.decode()
+    report, write, exit_ = os.dup(1), os.write, os._exit  # os.dup: not inherited by what the program execs
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    write(report, f"\n{token} started\n".encode())
+    main = types.ModuleType("__main__")
+    main.__file__ = "program.py"
+    sys.modules["__main__"] = main
+    reason = "passed"
+    try:
+        exec(compile(source, "program.py", "exec"), main.__dict__)
+    except SystemExit:
+        reason = "exit before end"
+    except MemoryError:
+        main.__dict__.clear()
+        reason = "killed: memory"
+    except BaseException as e:
         try:
-            if subprocess.run([*prefix, python, "-c", "pass"], capture_output=True, timeout=10).returncode == 0:
-                return prefix, python, drops
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return (), sys.executable, False
+            detail = " ".join(str(e).split())[:200]
+        except BaseException:
+            detail = ""
+        kind = "assertion failed" if isinstance(e, AssertionError) else f"exception: {type(e).__name__}"
+        reason = f"{kind}: {detail}" if detail else kind
+    if os.getpid() == me:  # a forked copy that got here did not run the main process to its end
+        write(report, f"\n{token} {reason}\n".encode(errors="replace"))
+    exit_(0)
+
+
+run()
+"""
+
+
+def _sandbox_python() -> tuple[str, list[str]]:
+    """(interpreter the program runs with, folders to bind read-only for it): the system python3, or ours."""
+    if os.path.isfile(SYSTEM_PYTHON):
+        return SYSTEM_PYTHON, []
+    exe, prefix = os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
+    if exe.startswith("/usr/"):
+        return exe, []
+    if not exe.startswith(prefix + "/"):
+        raise SandboxUnavailable(f"no interpreter for the sandbox: {exe} lies outside /usr and its prefix {prefix}")
+    return exe, [prefix]
+
+
+_mountpoint_lock = threading.Lock()
+_mountpoint: str | None = None
+
+
+def _root_mountpoint() -> str:
+    """An empty host folder each item mounts its new root on, in its own mount namespace only."""
+    global _mountpoint
+    with _mountpoint_lock:
+        if _mountpoint is None:
+            _mountpoint = tempfile.mkdtemp(prefix="qp-sandbox-root-")
+            atexit.register(os.rmdir, _mountpoint)
+        return _mountpoint
+
+
+_uid_block = secrets.randbelow(20_000) * 100_000  # concurrent harnesses rarely share uids (and are isolated anyway)
+_uid_counter = itertools.count()
+
+
+def _item_uid() -> int:
+    return UID_BASE + _uid_block + next(_uid_counter) % 100_000
+
+
+def _mode() -> str:
+    return "root" if os.geteuid() == 0 else "user namespace"
+
+
+def _command(mode: str, uid: int, scratch_bytes: int, mem_bytes: int, timeout: float) -> list[str]:
+    unshare = shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    if unshare is None:
+        raise SandboxUnavailable("the HumanEval sandbox needs util-linux `unshare`, which is not installed")
+    python, binds = _sandbox_python()
+    init_python = SYSTEM_PYTHON if python == SYSTEM_PYTHON else sys.executable  # the system's starts faster than a venv's
+    args = [
+        _root_mountpoint(),
+        uid,
+        uid,
+        int(mode == "root"),
+        python,
+        int(scratch_bytes),
+        int(mem_bytes),
+        int(timeout) + 1,
+        int(SETUP_TIMEOUT + timeout) + 5,
+        _WRAPPER,
+        *binds,
+    ]
+    userns = ["--user", "--map-root-user"] if mode == "user namespace" else []
+    return [
+        unshare,
+        *userns,
+        "--pid",
+        "--fork",
+        "--kill-child",
+        "--mount",
+        "--net",
+        "--ipc",
+        "--uts",
+        init_python,
+        "-I",
+        "-S",
+        "-c",
+        _INIT,
+        *map(str, args),
+    ]
+
+
+def _exchange(proc: subprocess.Popen, data: bytes, token: bytes, timeout: float) -> tuple[bytes, bytes, bool, bool]:
+    """Feed stdin, read stdout/stderr until both close, keeping the start and the end of each (the
+    wrapper's final report comes last, whatever the program wrote before it). The program's timeout
+    starts when the wrapper says it started. Returns (stdout, stderr, started, timed_out)."""
+    started_line = token + b" started\n"
+    deadline = time.monotonic() + SETUP_TIMEOUT
+    out, err = (bytearray(), bytearray()), (bytearray(), bytearray())  # (head, tail)
+    started, timed_out = False, False
+    sel = selectors.DefaultSelector()
+    os.set_blocking(proc.stdin.fileno(), False)
+    sel.register(proc.stdin, selectors.EVENT_WRITE)
+    sel.register(proc.stdout, selectors.EVENT_READ, out)
+    sel.register(proc.stderr, selectors.EVENT_READ, err)
+    view = memoryview(data)
+    try:
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            for key, _ in sel.select(left):
+                if key.fileobj is proc.stdin:
+                    try:
+                        view = view[os.write(key.fd, view[:65536]) :]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        view = view[:0]
+                    if not view:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                head, tail = key.data
+                if len(head) < OUTPUT_CAP:
+                    head.extend(chunk)
+                else:
+                    tail.extend(chunk)
+                    del tail[:-4096]
+                if not started and started_line in out[0]:
+                    started = True
+                    deadline = time.monotonic() + timeout
+    finally:
+        sel.close()
+    return bytes(out[0] + b"\n" + out[1]), bytes(err[0] + b"\n" + err[1]), started, timed_out
+
+
+def _run(source: str, timeout: float, mem_bytes: int, scratch_bytes: int, uid: int | None = None) -> ProgramResult:
+    mode = _mode()
+    if uid is None:
+        uid = _item_uid() if mode == "root" else 0
+    token = secrets.token_hex(16)
+    proc = subprocess.Popen(
+        _command(mode, uid, scratch_bytes, mem_bytes, timeout),
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    lingered, out = False, b""
+    try:
+        out, err, started, timed_out = _exchange(proc, f"{token}\n{source}".encode(errors="replace"), token.encode(), timeout)
+        if timed_out and out.startswith(b"init ") and proc.poll() is None:
+            # Kill PID 1: the kernel then kills the rest of the namespace, and unshare, which waits for PID 1,
+            # exits only once all of it is gone.
+            try:
+                os.kill(int(out.split(b"\n", 1)[0][5:]), signal.SIGKILL)
+            except (ValueError, ProcessLookupError):
+                pass
+        try:  # when both pipes have closed, PID 1 is exiting: unshare exits once the namespace is empty
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            lingered = True
+    finally:
+        # The fallback: killing unshare kills PID 1 too (--kill-child), though without waiting for the namespace.
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+    mark = token.encode() + b" "
+    reports = [line[len(mark) :].decode(errors="replace") for line in out.split(b"\n") if line.startswith(mark)]
+    final = [r for r in reports if r != "started"]
+    if final:
+        return ProgramResult(final[0] == "passed", final[0])
+    if timed_out:
+        return ProgramResult(
+            False,
+            "timeout"
+            if started
+            else "sandbox error: did not start within "
+            f"{SETUP_TIMEOUT:.0f} s ({err.decode(errors='replace').strip()[-300:] or 'no message'})",
+        )
+    if lingered and not timed_out:
+        return ProgramResult(False, "sandbox error: unshare did not exit after the item ended")
+    if not started or rc == 125:
+        why = err.decode(errors="replace").strip().splitlines()
+        return ProgramResult(False, "sandbox error: " + (why[-1] if why else f"exit status {rc}"))
+    if rc == 124:
+        return ProgramResult(False, "timeout")
+    sig = rc - 128 if rc > 128 else -rc if rc < 0 else 0
+    if sig:
+        if sig == signal.SIGXCPU:
+            return ProgramResult(False, "killed: cpu time")
+        try:
+            return ProgramResult(False, f"killed: signal {signal.Signals(sig).name}")
+        except ValueError:
+            return ProgramResult(False, f"killed: signal {sig}")
+    return ProgramResult(False, "exit before end")
+
+
+# The probe checks from inside what sandbox_description() claims.
+_PROBE = r"""
+import os, socket
+assert os.getpid() == 2, f"pid {os.getpid()}: not in a fresh PID namespace"
+assert [name for _, name in socket.if_nameindex()] == ["lo"], socket.if_nameindex()
+with open("/proc/self/status") as f:
+    caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k.startswith("Cap")}
+assert int(caps["CapEff"], 16) == int(caps["CapPrm"], 16) == int(caps["CapBnd"], 16) == 0, caps
+assert os.getuid() == UID, os.getuid()
+for path in HIDDEN:
+    assert not os.path.exists(path), f"{path} is visible"
+for path in ("/", "/usr", "/etc", "/dev"):
+    assert not os.access(path, os.W_OK), f"{path} is writable"
+open("/tmp/x", "w").write("x")
+assert os.statvfs("/tmp").f_blocks * os.statvfs("/tmp").f_frsize == SCRATCH, "scratch size"
+"""
+
+
+def _probe(mode: str) -> ProgramResult:
+    # host paths that must not exist in there, unless they lead to what is bound in (/usr, the interpreter)
+    shown = ["/usr", *_sandbox_python()[1]]
+    hidden = [
+        p
+        for p in (
+            "/work",
+            "/root",
+            "/home",
+            "/var",
+            "/run",
+            "/mnt",
+            _root_mountpoint(),
+            os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
+        )
+        if not any(p == b or b.startswith(p + "/") or p.startswith(b + "/") for b in shown)
+    ]
+    uid = _item_uid() if mode == "root" else 0
+    probe = _PROBE.replace("UID", str(uid)).replace("HIDDEN", repr(hidden)).replace("SCRATCH", str(1 << 20))
+    return _run(probe, 10.0, 1 << 30, 1 << 20, uid)
+
+
+_state_lock = threading.Lock()
+_state: tuple[str, str] | None = None  # ("ok", mode) or ("error", message)
+
+
+def check_sandbox() -> str:
+    """The mode in force ("root" or "user namespace"), once a probe program confirmed the guarantees from inside.
+    Raises SandboxUnavailable with the reason when they cannot be had. The answer is cached per process."""
+    global _state
+    with _state_lock:
+        if _state is None:
+            mode = _mode()
+            try:
+                result = _probe(mode)
+            except (OSError, SandboxUnavailable) as e:
+                result = ProgramResult(False, f"sandbox error: {e}")
+            if result.passed:
+                _state = ("ok", mode)
+            else:
+                hint = ROOT_HINT if mode == "root" else USERNS_HINT
+                message = f"the HumanEval sandbox is not available ({mode} mode): {result.reason}{hint}"
+                _state = ("error", message + "; refusing to run model-written code without it")
+        kind, value = _state
+    if kind == "error":
+        raise SandboxUnavailable(value)
+    return value
 
 
 def sandbox_description() -> str:
-    prefix, python, drops = _launcher()
-    parts = ["process group + rlimits + temp dir + timeout"]
-    if prefix:
-        parts.append("no network (new netns)")
-    if drops:
-        parts.append("user nobody")
-    return ", ".join(parts)
+    """What is in force, for `quantpipe doctor`; never raises."""
+    try:
+        mode = check_sandbox()
+        python = _sandbox_python()[0]
+    except SandboxUnavailable as e:
+        return f"UNAVAILABLE: {e}"
+    who = f"a uid of its own ({UID_BASE}+)" if mode == "root" else "a user namespace's root (our uid outside)"
+    return (
+        f"{mode} mode; per item: own PID/mount/network/IPC/UTS namespaces (its processes die with it), "
+        f"{who} without capabilities, no_new_privs, new session keyring; read-only tmpfs root with /usr read-only, "
+        f"own /proc, no other host files, no network or host sockets; writable /tmp capped at {SCRATCH_BYTES >> 20} MiB; "
+        f"limits: {DEFAULT_TIMEOUT:.0f} s, {DEFAULT_MEM >> 30} GiB address space, 64 processes, 64 files, 1 MiB a file; "
+        f"passes only by running to its end; interpreter {python}"
+    )
 
 
-def run_program(source: str, timeout: float = 10.0, mem_bytes: int = 1 << 30) -> bool:
-    """True when the program exits 0 within the limits. Never raises for program behaviour."""
+def run_program(
+    source: str, timeout: float = DEFAULT_TIMEOUT, mem_bytes: int = DEFAULT_MEM, scratch_bytes: int = SCRATCH_BYTES
+) -> ProgramResult:
+    """Run one program in its own sandbox; passed only when it ran to its end within the limits.
+
+    Never raises for program behaviour; raises CodeExecutionNotAllowed without the opt-in and
+    SandboxUnavailable where the sandbox cannot be had."""
     if os.environ.get(OPT_IN_ENV) != "1":
         raise CodeExecutionNotAllowed(f"executing model-written code needs an explicit opt-in (--allow-code-execution, or {OPT_IN_ENV}=1)")
-    with tempfile.TemporaryDirectory(prefix="qp-sandbox-") as workdir:
-        prog = os.path.join(workdir, "program.py")
-        with open(prog, "w") as f:
-            f.write(source)
-        prefix, python, drops = _launcher()
-        if drops:
-            os.chown(workdir, NOBODY, NOBODY)
-            os.chown(prog, NOBODY, NOBODY)
-        cmd = [*prefix, python, "-I", "-B", prog]
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=workdir,
-                env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=lambda: _limits(int(timeout) + 1, mem_bytes),
-            )
-        except OSError:
-            return False
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            try:  # kill the whole group: children it forked must not outlive the item
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-        return rc == 0
+    check_sandbox()
+    return _run(source, timeout, mem_bytes, scratch_bytes)
 
 
 def pass_at_k_estimate(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct (Chen et al. 2021), as HF code_eval computes it."""
+    import numpy as np
+
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
@@ -123,10 +537,16 @@ def pass_at_k_estimate(n: int, c: int, k: int) -> float:
 
 def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int = 1) -> dict[str, float]:
     """Drop-in for HF evaluate's code_eval (same arguments, same pass@k keys), run offline."""
+    import numpy as np
+
     ks = [k] if isinstance(k, int) else list(k)
     totals = {f"pass@{kk}": [] for kk in ks}
     for test, candidates in zip(references, predictions):
-        c = sum(run_program(f"{cand}\n{test}\n") for cand in candidates)
+        results = [run_program(f"{cand}\n{test}\n") for cand in candidates]
+        broken = [r.reason for r in results if r.reason.startswith("sandbox error")]
+        if broken:  # an item that never ran must not count as a failure
+            raise SandboxUnavailable(f"the HumanEval sandbox failed on an item: {broken[0]}")
+        c = sum(r.passed for r in results)
         for kk in ks:
             if len(candidates) >= kk:
                 totals[f"pass@{kk}"].append(pass_at_k_estimate(len(candidates), c, kk))
