@@ -96,7 +96,7 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
                 )
             )
         if "humaneval" in tasks:
-            from .code_exec import sandbox_description
+            from .code_exec import SandboxUnavailable, check_sandbox, sandbox_description
 
             out.append(
                 Finding(
@@ -105,7 +105,11 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
                     "" if allow_code_execution else "pass --allow-code-execution, or drop humaneval from eval.tasks",
                 )
             )
-            out.append(Finding(True, f"sandbox: {sandbox_description()}"))
+            try:
+                check_sandbox()
+                out.append(Finding(True, f"sandbox: {sandbox_description()}"))
+            except SandboxUnavailable as e:
+                out.append(Finding(False, f"sandbox: {e}", "run as root, or where unprivileged user namespaces are allowed"))
         from .models import builtin_path, model_info, resolve_model
 
         try:

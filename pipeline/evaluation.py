@@ -100,9 +100,11 @@ class Evaluator:
                 "(eval.tasks: {humaneval: null})"
             )
         if allow_code_execution:
-            from .code_exec import OPT_IN_ENV
+            from .code_exec import OPT_IN_ENV, check_sandbox
 
             os.environ[OPT_IN_ENV] = "1"
+            if any(TASKS[t].runs_code for t in self.tasks):
+                check_sandbox()  # a refusal now, not after all of HumanEval's generations
         self.allow_code = allow_code_execution
         data_dir = data_dir or recipe.data_dir()
         self.data_dir = data_dir

@@ -176,9 +176,10 @@ def test_second_run_on_same_folder_names_the_holder(tiny_model, data_dir, tmp_pa
 
 
 def test_failing_variant_is_marked_and_others_finish(tiny_model, data_dir, tmp_path):
-    # A calibration file that disappears after validation makes only the calibrated stage fail.
+    # An empty calibration file passes every check before work (it exists, it has an identity) and
+    # makes only the calibrated stage fail, when it reads the text.
     calib = tmp_path / "calib.txt"
-    calib.write_text("some text\n\nmore text")
+    calib.write_text("\n\n")
     recipe = write_recipe(
         tmp_path,
         tiny_model,
@@ -187,14 +188,19 @@ def test_failing_variant_is_marked_and_others_finish(tiny_model, data_dir, tmp_p
         variants={"gptq-4bit": [{"stage": "gptq"}], "fp8": [{"stage": "fp8"}]},
     )
     data = yaml.safe_load(recipe.read_text())
-    data["calibration"]["dataset"] = str(tmp_path / "gone.txt")
+    data["calibration"]["dataset"] = str(calib)
     recipe.write_text(yaml.safe_dump(data))
     r = quantpipe("run", recipe, "--artifacts", tmp_path / "art")
     t = json.loads((tmp_path / "art" / "tiny" / "report" / "degradation.json").read_text())
     rows = {r["name"]: r for r in t["rows"]}
-    assert "calibration file not found" in rows["gptq-4bit"]["error"] and not rows["gptq-4bit"]["cells"]
+    assert "is empty" in rows["gptq-4bit"]["error"] and not rows["gptq-4bit"]["cells"]
     assert rows["fp8"]["error"] is None and set(rows["fp8"]["cells"]) == {"GSM8K", "TruthfulQA"}
     assert "gptq-4bit: FAILED" in r.stderr
+    # a calibration file that is gone is bad input: one line before any work
+    data["calibration"]["dataset"] = str(tmp_path / "gone.txt")
+    recipe.write_text(yaml.safe_dump(data))
+    r = quantpipe("run", recipe, "--artifacts", tmp_path / "art2", check=False)
+    assert r.returncode == 2 and "calibration file not found" in r.stderr and not (tmp_path / "art2" / "tiny" / "fp8").exists()
 
 
 def test_html_report_renders_with_plots_in_headless_chromium(finished, tmp_path):
