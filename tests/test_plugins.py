@@ -108,3 +108,114 @@ def test_third_party_stage_via_entry_point(tiny_model, data_dir, tmp_path):
     # without the plugin installed, the same recipe is refused before any work, naming the stage
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(recipe)], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown stage 'round-bf16'" in bad.stderr
+
+
+FORMAT_PLUGIN = '''
+"""A stage that writes its own artifact format, and the backend that evaluates it."""
+import json
+from pathlib import Path
+
+from pipeline.backends.base import Backend, LoadedModel
+from pipeline.stages.base import Artifact, Stage, StageParams
+
+
+class HalfStage(Stage):
+    name = "half-folder"
+    Params = StageParams
+    libraries = ("torch",)
+
+    def output_format(self, input_format="hf"):
+        return "half-folder"
+
+    def run(self, inp, out_dir: Path, ctx):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(inp.path, dtype=torch.float32)
+        torch.save({k: v.half() for k, v in model.state_dict().items()}, out_dir / "weights.pt")
+        model.config.save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(inp.path).save_pretrained(out_dir)
+        (out_dir / "half.json").write_text(json.dumps({"dtype": "float16"}))
+        return Artifact(out_dir, "half-folder", key="", bits="W16-fp16 (plug-in format)")
+
+
+class HalfBackend(Backend):
+    name = "half-backend"
+    formats = ("half-folder",)
+
+    def load(self, art, dtype, batch_size, max_length):
+        import torch
+        from lm_eval.models.huggingface import HFLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(art.path), dtype=torch.float32)
+        model.load_state_dict({k: v.float() for k, v in torch.load(art.path / "weights.pt").items()})
+        model.eval()
+        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(art.path), batch_size=batch_size, device="cpu")
+        return LoadedModel(lm, "fp16 weights through the half-backend plug-in", "plug-in", self)
+
+    def next_token_logprobs(self, loaded, ids):
+        import torch
+
+        with torch.no_grad():
+            logits = loaded.lm.model(torch.tensor([ids])).logits[0, :-1]
+        return torch.log_softmax(logits.double(), dim=-1).numpy()
+'''
+
+
+def _install(tmp_path, name: str, entry_points: str):
+    src = tmp_path / f"src-{name}"
+    (src / "qp_half").mkdir(parents=True)
+    (src / "qp_half" / "__init__.py").write_text(FORMAT_PLUGIN)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "0.0.1"\n{entry_points}\n[tool.setuptools]\npackages = ["qp_half"]\n'
+    )
+    site = tmp_path / f"site-{name}"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_third_party_backend_via_entry_point_evaluates_a_new_format(tiny_model, data_dir, tmp_path):
+    stage_ep = '[project.entry-points."quantpipe.stages"]\nhalf-folder = "qp_half:HalfStage"\n'
+    backend_ep = '[project.entry-points."quantpipe.backends"]\nhalf-backend = "qp_half:HalfBackend"\n'
+    with_backend = _install(tmp_path, "qp-half-both", stage_ep + backend_ep)
+    stage_only = _install(tmp_path, "qp-half-stage", stage_ep)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "half",
+                "model": {"id": str(tiny_model), "dtype": "float32"},
+                "offline": True,
+                "eval": {"suite": "smoke", "data_dir": str(data_dir), "tasks": {"humaneval": None, "gsm8k": None, "mmlu": None}},
+                "variants": {"half": [{"stage": "half-folder"}]},
+            }
+        )
+    )
+    listed = subprocess.run([sys.executable, "-m", "pipeline.cli", "backends"], env=with_backend, capture_output=True, text=True)
+    assert "half-backend" in listed.stdout and "half-folder" in listed.stdout and "qp-half-both" in listed.stdout
+    # a stage whose format no backend evaluates is refused before any work, naming the format
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(tmp_path / "a1")],
+        env=stage_only,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "no evaluation backend for artifact format 'half-folder'" in r.stderr
+    assert not (tmp_path / "a1" / "half" / "half").exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(tmp_path / "a2")],
+        env=with_backend,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((tmp_path / "a2" / "half" / "report" / "degradation.json").read_text())
+    row = {x["name"]: x for x in t["rows"]}["half"]
+    assert row["evaluated_as"] == "fp16 weights through the half-backend plug-in" and row["cells"]["TruthfulQA"]["n"] == 3
+    assert 0 <= row["divergence"]["docs"]["mean_kl"] < 0.01  # KL through the plug-in's next_token_logprobs
