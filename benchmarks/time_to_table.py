@@ -175,8 +175,8 @@ def quantpipe_results(run_root: Path, rows) -> dict:
     out = {}
     for row in rows:
         res = {}
-        for f in (run_root / row / "eval").glob("*.json"):
-            res.update(json.loads(f.read_text())["results"])
+        for f in (run_root / row / "eval").glob("*/manifest.json"):
+            res.update(json.loads(f.read_text())["meta"]["results"])
         out[row] = res
     return out
 
@@ -219,7 +219,7 @@ def distinct_tokens(run_root: Path, rows, tokenizer) -> tuple[int, int, int]:
     for row in rows:
         trie: dict = {}
         seen = set()
-        for f in sorted((run_root / row / "eval").glob("*.samples.jsonl")):
+        for f in sorted((run_root / row / "eval").glob("*/samples.jsonl")):
             for line in f.read_text().splitlines():
                 s = json.loads(line)
                 if (s["task"], s["doc_id"]) in seen:  # one record per filter
@@ -278,7 +278,7 @@ def main() -> int:
     arts = Path(args.work) / "artifacts"  # shared by --quick and the full run: the variants are built once
 
     log("building the variants (not timed; reused on later runs)")
-    built = quantpipe("build", recipe, "--artifacts", arts).stdout
+    built = quantpipe("build", recipe, "--artifacts", arts, "--json").stdout
     sys.path.insert(0, str(ROOT))
     from pipeline.evaluation import prepare_task_dir, resolve_tasks
     from pipeline.models import resolve_model
@@ -287,10 +287,11 @@ def main() -> int:
 
     base_dir = resolve_model("builtin:smollm2-135m", offline=True)
     rows = {"base": (base_dir, "float32")}
-    for line in built.splitlines():
-        variant, fmt, path = line.split("\t")
-        rows[variant] = (Path(path), "auto")  # what quantpipe's loader passes for quantized checkpoints
-    task_dir = prepare_task_dir(work / "tasks", list(subsets), build_mirrors(Path(args.data_dir)))
+    for line in built.splitlines():  # `build --json`: one object per variant, nothing else on stdout
+        v = json.loads(line)
+        rows[v["variant"]] = (Path(v["path"]), "auto")  # what quantpipe's loader passes for quantized checkpoints
+    prepare_task_dir(work / "tasks", list(subsets), build_mirrors(Path(args.data_dir)))
+    task_dir = work / "tasks"
     _, specs = resolve_tasks(load_recipe(recipe))
     task_dir = stock_task_dir(task_dir, {t: s.num_fewshot for t, s in specs.items() if s.num_fewshot is not None}, work)
 
@@ -299,11 +300,10 @@ def main() -> int:
 
     log("(b) quantpipe run (stage outputs reused, every evaluation redone)")
     run_root = arts / "time-to-table"
-    for row in rows:
+    for row in rows:  # every evaluation and KL record redone (the stage outputs are kept)
         shutil.rmtree(run_root / row / "eval", ignore_errors=True)
-        (run_root / row / "divergence.json").unlink(missing_ok=True)
-    for f in (run_root / "base").glob("divergence-reference.*"):
-        f.unlink()
+        shutil.rmtree(run_root / row / "kl", ignore_errors=True)
+    shutil.rmtree(run_root / "base" / "kl-reference", ignore_errors=True)
     t0 = time.time()
     quantpipe("run", recipe, "--artifacts", arts, "--allow-code-execution")
     t_ours = time.time() - t0
