@@ -14,8 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
+from . import log as output
 from .errors import QuantpipeError
-from .log import capture_stdout, results, setup
+from .log import capture_output, messages, results, setup
 
 log = logging.getLogger("quantpipe")
 
@@ -346,20 +347,28 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup(1 if args.verbose else -1 if args.quiet else 0)
-    capture_stdout()
+    verbosity = 1 if args.verbose else -1 if args.quiet else 0
+    setup(verbosity)
+    capture_output(verbosity)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.fn(args)
     except QuantpipeError as e:
-        print(f"quantpipe: error: {e}", file=sys.stderr)
+        print(f"quantpipe: error: {e}", file=messages())
         return 2
     except KeyboardInterrupt:
-        print("quantpipe: interrupted; finished steps are stored and the next run resumes from them", file=sys.stderr)
+        print("quantpipe: interrupted; finished steps are stored and the next run resumes from them", file=messages())
         return 130
     except Terminated:
-        print("quantpipe: terminated; finished steps are stored and the next run resumes from them", file=sys.stderr)
+        print("quantpipe: terminated; finished steps are stored and the next run resumes from them", file=messages())
         return 143
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the log
+        import traceback
+
+        traceback.print_exc()
+        where = f" (traceback in {output.log_path})" if output.log_path else ""
+        print(f"quantpipe: internal error: {type(e).__name__}: {e}{where}", file=messages())
+        return 1
 
 
 if __name__ == "__main__":

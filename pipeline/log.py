@@ -1,9 +1,12 @@
 """What a command prints: one line per plan step by default, third-party noise filtered, everything at -v.
 
-Results (tables, build lines) go to standard output; everything else to standard error. Libraries
-print to standard output too (GPTQModel, llama.cpp's converter, C extensions), so while a command
-runs, file descriptor 1 points at standard error and results are written to a saved copy of the
-real standard output (`results()`): a program reading `quantpipe build`'s output sees only results.
+Results (tables, build lines) go to standard output; quantpipe's own lines to standard error.
+Libraries print to both (GPTQModel, llm-compressor, torch, llama.cpp's converter, C extensions), at
+import and while they run, in this process and in child processes. So while a command runs, file
+descriptors 1 and 2 point at a log file (or, with -v, both at standard error), and quantpipe writes
+its results and its lines to saved copies of the real standard output and error: a program reading
+`quantpipe build`'s output sees only results, and a person sees only quantpipe's lines. Nothing is
+lost: the log file keeps every third-party line and any traceback.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
+from pathlib import Path
 
 log = logging.getLogger("quantpipe")
 
@@ -36,12 +41,14 @@ NOISY = (
 )
 
 _results = None
+_messages = None
+log_path: Path | None = None
 
 
 def setup(verbosity: int = 0) -> None:
     """verbosity: -1 warnings and errors only, 0 one line per step, 1 everything (third parties too)."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(messages())
     handler.setFormatter(logging.Formatter("%(message)s" if verbosity < 1 else "%(levelname).1s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -85,17 +92,48 @@ def quiet_third_party() -> None:
         pass
 
 
-def capture_stdout() -> None:
-    """Point fd 1 at standard error for the rest of the process; `results()` is the real stdout."""
-    global _results
+def _log_file() -> Path:
+    folder = Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe")) / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in sorted(folder.glob("*.log"))[:-19]:  # keep the last 20
+        old.unlink(missing_ok=True)
+    return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def capture_output(verbosity: int = 0) -> None:
+    """Keep the real stdout/stderr for results and quantpipe's lines; send fds 1 and 2 (everything
+    else, child processes included) to a log file, or with -v to standard error."""
+    global _results, _messages, log_path
     if _results is not None:
         return
     sys.stdout.flush()
+    sys.stderr.flush()
     _results = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
+    _messages = os.fdopen(os.dup(2), "w", buffering=1)
+    if verbosity >= 1:
+        os.dup2(2, 1)
+    else:
+        try:
+            log_path = _log_file()
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:  # no writable home: third-party output stays on standard error
+            os.dup2(2, 1)
+        else:
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    for h in logging.getLogger().handlers:
+        if isinstance(h, logging.StreamHandler):
+            h.setStream(_messages)
 
 
 def results():
     """Where results go: the real standard output."""
     return _results or sys.stdout
+
+
+def messages():
+    """Where quantpipe's own lines go: the real standard error."""
+    return _messages or sys.stderr

@@ -57,7 +57,7 @@ def test_distributed_run_gives_the_same_table_as_a_local_run(ray_cluster, tiny_m
     recipe = write_recipe(tmp_path, tiny_model, data_dir, variants=VARIANTS, tasks=TASKS)
     # one thread, as each 1-CPU Ray task gets: GPTQ's result depends on the BLAS thread count
     quantpipe("run", recipe, "--artifacts", tmp_path / "local", env={**os.environ, "OMP_NUM_THREADS": "1"})
-    r = quantpipe("run", recipe, "--artifacts", tmp_path / "ray", "--executor", "ray", "--ray-address", ray_cluster)
+    r = quantpipe("run", recipe, "--artifacts", tmp_path / "ray", "--executor", "ray", "--ray-address", ray_cluster, "-v")
     local, dist = tmp_path / "local" / "tiny", tmp_path / "ray" / "tiny"
     assert table_numbers(dist) == table_numbers(local)
     # ...and the work really ran as Ray tasks in other processes, one per (row, benchmark)
