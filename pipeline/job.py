@@ -281,6 +281,13 @@ class Job:
     def start(self) -> Plan:
         store.clean_stale_tmp(self.root)
         self.prepare()
+        older = [*self.root.glob("*/eval/*.json"), *self.root.glob("*/divergence.json"), *self.root.glob("base/divergence-reference.*")]
+        if older:  # quantpipe before the store's record format 2: never mixed into a table
+            log.warning(
+                "%d results stored by an older quantpipe (one JSON file per evaluation) in %s are not reused; their steps are recomputed",
+                len(older),
+                self.root,
+            )
         plan = self.plan()
         store.atomic_write_json(
             self.root / "recipe.json", {**self.recipe.model_dump(mode="json"), "variant_order": list(self.recipe.variants)}
