@@ -79,7 +79,7 @@ def seconds(root: Path, row: str, task: str) -> float:
     index = json.loads((root / "plan.json").read_text())
     total = 0.0
     for s in index["steps"]:
-        mf = Path(s["path"]) / "manifest.json"
+        mf = root / s["path"] / "manifest.json"
         if s["kind"] == "eval" and s["row"] == row and s["task"] == task and mf.is_file():
             total += json.loads(mf.read_text())["meta"].get("seconds") or 0.0
     return total

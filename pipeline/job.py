@@ -296,7 +296,7 @@ class Job:
         store.atomic_write_json(
             self.root / "plan.json",
             {
-                **plan.to_dict(),
+                **plan.to_dict(self.root),
                 "base": {
                     "model": self.recipe.model.id,
                     "dtype": self.recipe.model.dtype,

@@ -38,8 +38,9 @@ class Step:
             return f"eval {self.row} {self.task}" + (f" {self.items[0]}-{self.items[1]}" if self.items else "")
         return f"{self.kind.replace('_', '-')} {self.row}"
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "id": self.id, "path": str(self.path)}
+    def to_dict(self, root: Path) -> dict:
+        """JSON form; the record's path relative to the run folder, so the folder can move."""
+        return {**asdict(self), "id": self.id, "path": str(self.path.relative_to(root))}
 
 
 @dataclass
@@ -74,9 +75,9 @@ class Plan:
         cut._artifact = dict(self._artifact)
         return cut
 
-    def to_dict(self) -> dict:
+    def to_dict(self, root: Path) -> dict:
         return {
             "rows": self.rows,
-            "steps": [s.to_dict() for s in self.steps],
+            "steps": [s.to_dict(root) for s in self.steps],
             "artifacts": {r: s.id for r, s in self._artifact.items()},
         }

@@ -46,7 +46,7 @@ def seconds_per_item(root: Path, index: dict) -> dict[str, float]:
     for s in index["steps"]:
         if s["kind"] != "eval":
             continue
-        rec, _ = store.verify(Path(s["path"]), s["key"])
+        rec, _ = store.verify(root / s["path"], s["key"])
         if rec and rec.meta.get("n_items") and rec.meta.get("seconds"):
             spent.setdefault(s["task"], []).append(rec.meta["seconds"] / rec.meta["n_items"])
     return {t.column.name: float(np.mean(spent[t.name])) for t in COLUMNS if t.name in spent}

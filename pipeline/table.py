@@ -115,24 +115,24 @@ def _n_shot(rec: dict, task: str) -> int | None:
     return shots.pop() if len(shots) == 1 else None
 
 
-def _records(index: dict, row: str, kind: str, task: str | None = None) -> list[store.Record]:
+def _records(root: Path, index: dict, row: str, kind: str, task: str | None = None) -> list[store.Record]:
     """The row's verified records of one kind, in plan order, up to the first one not (yet) there:
     a sequential run stops a (row, task) after the round that decided it, so its evaluation is a
     prefix of its planned chunks."""
     out = []
     for s in index["steps"]:
         if s["row"] == row and s["kind"] == kind and s.get("task") == task:
-            rec, _ = store.verify(Path(s["path"]), s["key"])
+            rec, _ = store.verify(root / s["path"], s["key"])
             if rec is None:
                 break
             out.append(rec)
     return out
 
 
-def _scores(index: dict, row: str) -> tuple[dict[str, Cell], dict[str, int | None]]:
+def _scores(root: Path, index: dict, row: str) -> tuple[dict[str, Cell], dict[str, int | None]]:
     cells, shots = {}, {}
     for task in COLUMNS:
-        recs = _records(index, row, "eval", task.name)
+        recs = _records(root, index, row, "eval", task.name)
         if not recs:
             continue
         items: dict[str, float] = {}
@@ -151,14 +151,14 @@ def _scores(index: dict, row: str) -> tuple[dict[str, Cell], dict[str, int | Non
     return cells, shots
 
 
-def _row_info(index: dict, row: str) -> tuple[str | None, str | None, int | None, list[dict]]:
+def _row_info(root: Path, index: dict, row: str) -> tuple[str | None, str | None, int | None, list[dict]]:
     """(bits, format, size, chain) of a row's artifact."""
     if row == "base":
         base = index.get("base") or {}
         return base.get("dtype"), "hf", base.get("size_bytes"), []
     step_id = index["artifacts"].get(row)
     step = next((s for s in index["steps"] if s["id"] == step_id), None)
-    rec = store.verify(Path(step["path"]), step["key"])[0] if step else None
+    rec = store.verify(root / step["path"], step["key"])[0] if step else None
     if rec is None:
         return None, None, None, []
     return rec.meta.get("bits"), rec.meta.get("format"), store.dir_size(rec.path), rec.meta.get("chain", [])
@@ -168,13 +168,13 @@ def build_table(root: Path) -> Table:
     index = store.read_json(root / "plan.json")
     if not isinstance(index, dict) or "steps" not in index:
         raise QuantpipeError(f"{root} holds no run index (plan.json); run `quantpipe run` first")
-    base_cells, shots = _scores(index, "base")
+    base_cells, shots = _scores(root, index, "base")
     columns = [ColumnInfo(t.column.name, t.name, t.column.label, shots.get(t.column.name)) for t in COLUMNS]
     rows = []
     for name in index["rows"]:
-        bits, fmt, size, chain = _row_info(index, name)
+        bits, fmt, size, chain = _row_info(root, index, name)
         err = store.read_json(root / name / "error.json")
-        cells = base_cells if name == "base" else _scores(index, name)[0]
+        cells = base_cells if name == "base" else _scores(root, index, name)[0]
         drops = []
         for col, cell in cells.items():
             b = base_cells.get(col)
@@ -183,7 +183,7 @@ def build_table(root: Path) -> Table:
                 if b.score > 0:
                     cell.relative_drop_pct = 100 * (b.score - cell.score) / b.score
                     drops.append(cell.relative_drop_pct)
-        kl = _records(index, name, "kl")
+        kl = _records(root, index, name, "kl")
         divergence = {k: Divergence(**v) for k, v in kl[0].meta["sets"].items()} if kl else {}
         evaluated = {c.evaluated_as for c in cells.values() if c.evaluated_as}
         peaks = [c.peak_memory_bytes for c in cells.values() if c.peak_memory_bytes]

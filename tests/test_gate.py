@@ -28,10 +28,12 @@ def make_run(root: Path, base: list[float], variants: dict[str, list[float]], ta
             return {"evaluated_as": "test fixture"}
 
         store.cached(folder, f"k-{row}", compute, "fixture")
-        steps.append({"id": f"eval {row} {task}", "kind": "eval", "row": row, "task": task, "key": f"k-{row}", "path": str(folder)})
+        steps.append(
+            {"id": f"eval {row} {task}", "kind": "eval", "row": row, "task": task, "key": f"k-{row}", "path": str(folder.relative_to(root))}
+        )
     for row, sets in (kl or {}).items():
         store.cached(root / row / "kl", f"kl-{row}", lambda tmp, sets=sets: {"sets": sets}, "fixture")
-        steps.append({"id": f"kl {row}", "kind": "kl", "row": row, "task": None, "key": f"kl-{row}", "path": str(root / row / "kl")})
+        steps.append({"id": f"kl {row}", "kind": "kl", "row": row, "task": None, "key": f"kl-{row}", "path": f"{row}/kl"})
     store.atomic_write_json(root / "plan.json", {"rows": ["base", *variants], "steps": steps, "artifacts": {}, "base": {}})
     write_report(root)
     return root
