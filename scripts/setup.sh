@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, from the CPU build pinned in constraints.txt: an unconstrained resolve would
 # pull a multi-GB CUDA torch. Everything after is resolved against the same constraints.
-.venv/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install -q -c constraints.txt "$(grep -E '^torch==' constraints.txt)"
 # llama-cpp-python compiles llama.cpp from source (~2-13 min on 2 cores, cached by pip as a
 # wheel afterwards). GGML_NATIVE=OFF builds portable code instead of -march=native.
 CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}" \
