@@ -250,7 +250,14 @@ class Job:
                 record, samples = self.evaluator.run(loaded, step.task, selection)
             (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             settings = self.evaluator.settings(step.task, selection)
-            return {**record, "settings": settings, "n_items": len(samples), "items": step.items, "peak_memory_bytes": peak.bytes}
+            return {
+                **record,
+                "settings": settings,
+                "n_items": len(samples),
+                "items": step.items,
+                "peak_memory_bytes": peak.bytes,
+                "weights_bytes": loaded.weights_bytes,
+            }
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 

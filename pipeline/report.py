@@ -32,25 +32,28 @@ def _footer(t: Table) -> list[str]:
         + ", ".join(f"{c} {k}" for c, k in n.items())
         + ".",
         "; ".join(f"{c.name}: {c.label}" + (f" ({c.n_shot}-shot)" if c.n_shot is not None else "") for c in t.columns)
-        + ". Size: bytes on disk of the artifact's files. Peak memory: the largest resident set (CPU) or CUDA "
-        "allocation (GPU) while evaluating the row.",
+        + ". Size: bytes on disk of the artifact's files. Weights in memory: the loaded model's weights as evaluated "
+        "(dequantized on CPU; llama.cpp's model buffers for GGUF). Peak memory: the largest resident set (CPU) or "
+        "CUDA allocation (GPU) while evaluating the row.",
     ]
 
 
 def _methods(t: Table) -> list[str]:
     cols = [c.name for c in t.columns]
     lines = [
-        "| Method | Bits | " + " | ".join(cols) + " | Size | Peak memory | Avg drop |",
-        "|---|---|" + "---|" * len(cols) + "---|---|---|",
+        "| Method | Bits | " + " | ".join(cols) + " | Size | Weights in memory | Peak memory | Avg drop |",
+        "|---|---|" + "---|" * len(cols) + "---|---|---|---|",
     ]
     for r in t.rows:
         if r.error and not r.cells:
-            lines.append(f"| {r.name} | {r.bits or '–'} | " + " | ".join(["failed"] * len(cols)) + f" | – | – | error: {r.error[:80]} |")
+            lines.append(
+                f"| {r.name} | {r.bits or '–'} | " + " | ".join(["failed"] * len(cols)) + f" | – | – | – | error: {r.error[:80]} |"
+            )
             continue
         lines.append(
             f"| {r.name} | {r.bits or '–'} | "
             + " | ".join(fmt_cell(r.cells.get(c)) for c in cols)
-            + f" | {fmt_bytes(r.size_bytes)} | {fmt_bytes(r.peak_memory_bytes)} | {fmt_avg(r)} |"
+            + f" | {fmt_bytes(r.size_bytes)} | {fmt_bytes(r.weights_bytes)} | {fmt_bytes(r.peak_memory_bytes)} | {fmt_avg(r)} |"
         )
     return lines
 
@@ -61,6 +64,7 @@ def _section7(t: Table) -> list[str]:
         lines.append(f"| {c.name} | " + " | ".join(fmt_cell(r.cells.get(c.name)) for r in t.rows) + " |")
     lines.append("| Bits | " + " | ".join(str(r.bits or "–") for r in t.rows) + " |")
     lines.append("| Size | " + " | ".join(fmt_bytes(r.size_bytes) for r in t.rows) + " |")
+    lines.append("| Weights in memory | " + " | ".join(fmt_bytes(r.weights_bytes) for r in t.rows) + " |")
     lines.append("| Peak memory | " + " | ".join(fmt_bytes(r.peak_memory_bytes) for r in t.rows) + " |")
     lines.append("| **Average Drop** | " + " | ".join(fmt_avg(r) for r in t.rows) + " |")
     return lines
@@ -120,7 +124,18 @@ def to_csv(t: Table) -> str:
             f"{c}_flips_w2c",
         ]
     w.writerow(
-        header + ["size_bytes", "peak_memory_bytes", "avg_drop_pct", "kl_docs", "top1_docs", "ppl_ratio_docs", "evaluated_as", "error"]
+        header
+        + [
+            "size_bytes",
+            "weights_bytes",
+            "peak_memory_bytes",
+            "avg_drop_pct",
+            "kl_docs",
+            "top1_docs",
+            "ppl_ratio_docs",
+            "evaluated_as",
+            "error",
+        ]
     )
     for r in t.rows:
         row = [r.name, r.bits or ""]
@@ -136,6 +151,7 @@ def to_csv(t: Table) -> str:
             row
             + [
                 r.size_bytes or "",
+                r.weights_bytes or "",
                 r.peak_memory_bytes or "",
                 _blank(r.avg_drop_pct),
                 *(["", "", ""] if d is None else [d.mean_kl, d.top1_agreement, d.ppl_ratio]),

@@ -102,7 +102,7 @@ def to_html(t: Table, verdict=None) -> str:
         rows.append(
             f"<tr><th>{html.escape(r.name)}{err}</th><td>{html.escape(str(r.bits or '–'))}</td>"
             + "".join(_cell(r.cells.get(c)) for c in cols)
-            + f"<td>{fmt_bytes(r.size_bytes)}</td><td>{fmt_bytes(r.peak_memory_bytes)}</td><td>{fmt_avg(r)}</td></tr>"
+            + f"<td>{fmt_bytes(r.size_bytes)}</td><td>{fmt_bytes(r.weights_bytes)}</td><td>{fmt_bytes(r.peak_memory_bytes)}</td><td>{fmt_avg(r)}</td></tr>"
         )
     div = []
     for r in t.rows:
@@ -130,11 +130,11 @@ tr.fail td {{ color: #b00; }} tr.pass td {{ color: #070; }} tr.undecided td, tr.
 .plot {{ border: 1px solid #ddd; background: #fff; }} .legend {{ margin: 6px 0; }} .key {{ margin-right: 14px; font-size: 13px; white-space: nowrap; }} small {{ color: #555; }}
 </style></head><body>
 <h1>{title}: quality degradation</h1>
-<table><tr><th>Method</th><th>Bits</th>{"".join(f"<th>{html.escape(c)}</th>" for c in cols)}<th>Size</th><th>Peak memory</th><th>Avg drop</th></tr>
+<table><tr><th>Method</th><th>Bits</th>{"".join(f"<th>{html.escape(c)}</th>" for c in cols)}<th>Size</th><th>Weights in memory</th><th>Peak memory</th><th>Avg drop</th></tr>
 {"".join(rows)}</table>
 <p>Scores in % (mean ± standard error). Δ: variant − base in points with a paired 95% bootstrap interval over the same items;
 <span class="sig">red *</span> marks p &lt; 0.05 (exact McNemar for 0/1 metrics). Flips: correct→wrong / wrong→correct.
-Avg drop: mean relative drop over benchmarks. Peak memory: largest resident set (CPU) or CUDA allocation while evaluating.</p>
+Avg drop: mean relative drop over benchmarks. Weights in memory: the model as loaded for evaluation. Peak memory: largest resident set (CPU) or CUDA allocation while evaluating.</p>
 {_verdict(verdict)}
 <h2>Quality vs size</h2><div class="legend">{legend}</div><div class="plots">{plots}</div>
 <p><small>x: artifact bytes × 8 / base parameters (embeddings and unquantized layers included; KV-cache rows share

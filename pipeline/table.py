@@ -32,6 +32,7 @@ class Cell:
     paired: Paired | None = None  # variant vs base on the same items (None for the base)
     relative_drop_pct: float | None = None
     peak_memory_bytes: int | None = None
+    weights_bytes: int | None = None
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Row:
     evaluated_as: str = ""
     avg_drop_pct: float | None = None
     peak_memory_bytes: int | None = None  # the largest of its evaluations
+    weights_bytes: int | None = None  # its weights in memory as evaluated
 
     @property
     def is_base(self) -> bool:
@@ -145,7 +147,14 @@ def _scores(root: Path, index: dict, row: str) -> tuple[dict[str, Cell], dict[st
         mean, se = mean_stderr(list(items.values()))
         peaks = [r.meta.get("peak_memory_bytes") for r in recs if r.meta.get("peak_memory_bytes")]
         cells[task.column.name] = Cell(
-            mean, se, len(items), recs[0].meta.get("evaluated_as"), items, looks, peak_memory_bytes=max(peaks) if peaks else None
+            mean,
+            se,
+            len(items),
+            recs[0].meta.get("evaluated_as"),
+            items,
+            looks,
+            peak_memory_bytes=max(peaks) if peaks else None,
+            weights_bytes=recs[0].meta.get("weights_bytes"),
         )
         shots[task.column.name] = _n_shot(recs[0].meta, task.name)
     return cells, shots
@@ -187,6 +196,7 @@ def build_table(root: Path) -> Table:
         divergence = {k: Divergence(**v) for k, v in kl[0].meta["sets"].items()} if kl else {}
         evaluated = {c.evaluated_as for c in cells.values() if c.evaluated_as}
         peaks = [c.peak_memory_bytes for c in cells.values() if c.peak_memory_bytes]
+        weights = [c.weights_bytes for c in cells.values() if c.weights_bytes]
         rows.append(
             Row(
                 name,
@@ -200,6 +210,7 @@ def build_table(root: Path) -> Table:
                 "; ".join(sorted(evaluated)),
                 sum(drops) / len(drops) if drops else None,
                 max(peaks) if peaks else None,
+                max(weights) if weights else None,
             )
         )
     return Table(root.name, columns, rows, (index.get("base") or {}).get("n_params"))

@@ -74,7 +74,7 @@ def test_table_has_every_row_and_benchmark(finished):
         assert {b: v[1] for b, v in benches.items()} == expected_n, row
         assert all(0.0 <= v[0] <= 1.0 for v in benches.values())
     md = (root / "report" / "degradation.md").read_text()
-    assert "| Method | Bits | MMLU | HumanEval | GSM8K | TruthfulQA | Size | Peak memory | Avg drop |" in md
+    assert "| Method | Bits | MMLU | HumanEval | GSM8K | TruthfulQA | Size | Weights in memory | Peak memory | Avg drop |" in md
     assert "dequantized on CPU" in md and "relative drop" in md
     # few-shot counts as lm-eval ran them (the smoke suite runs MMLU 0-shot; GSM8K's stock config is 5-shot)
     assert "MMLU: acc (0-shot)" in md and "GSM8K: exact match, flexible-extract (5-shot)" in md

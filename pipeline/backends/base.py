@@ -30,6 +30,7 @@ class LoadedModel:
     evaluated_as: str  # shown in the table: how this row was run
     engine: str
     backend: Backend
+    weights_bytes: int | None = None  # the model's weights as loaded for evaluation (dequantized or not)
 
     def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
         """(len(ids) - 1, vocab) float64 log-probs of the token after each position but the last."""

@@ -117,6 +117,12 @@ def _lm(model, art: Artifact, batch_size: int, max_length: int):
     )
 
 
+def tensor_bytes(model) -> int:
+    """Bytes of a torch model's parameters and buffers, as they sit in memory."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class _TorchBackend(Backend):
     def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
         import torch
@@ -133,7 +139,7 @@ class TransformersBackend(_TorchBackend):
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         model, how = _load_transformers(art, dtype)
         how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self)
+        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self, tensor_bytes(model))
 
 
 class GPTQModelBackend(_TorchBackend):
@@ -143,4 +149,4 @@ class GPTQModelBackend(_TorchBackend):
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         model, how = _load_gptqmodel(art)
         how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self)
+        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self, tensor_bytes(model))

@@ -182,7 +182,9 @@ class LlamaCppBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(art.path, **trust())
         lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
         how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)"
-        return LoadedModel(lm, how, "llama.cpp", self)
+        import llama_cpp
+
+        return LoadedModel(lm, how, "llama.cpp", self, int(llama_cpp.llama_model_size(lm.llm.model)))
 
     def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
         return _log_softmax(np.array(loaded.lm.logits(ids)[:-1]))
