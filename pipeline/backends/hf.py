@@ -97,7 +97,6 @@ def apply_runtime_patches(model, meta: dict) -> list[str]:
 
 def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 4096, engine: str = "default") -> LoadedModel:
     import torch
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
     from .prefix_cache import PrefixCachingHFLM
@@ -124,12 +123,9 @@ def load_for_eval(art: Artifact, dtype: str, batch_size: int, max_length: int = 
     tokenizer = AutoTokenizer.from_pretrained(art.path)
     torch.manual_seed(1234)
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
-    # A runtime patch may own the KV cache (TurboQuant): those rows keep stock HFLM. Rows with
-    # run-time activation quantization keep stock log-likelihoods (see _dynamic_activations).
-    if art.meta.get("runtime_patches"):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-                  max_length=min(limit, max_length))
-    else:
-        lm = PrefixCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
-                               max_length=min(limit, max_length), share_prefixes=not _dynamic_activations(art.path))
+    # Stock lm-eval batches (no prefix sharing) where a runtime patch owns the KV cache (TurboQuant:
+    # its cache cannot be reused) or activations are quantized at run time (see _dynamic_activations).
+    share = not art.meta.get("runtime_patches") and not _dynamic_activations(art.path)
+    lm = PrefixCachingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu",
+                           max_length=min(limit, max_length), share_prefixes=share)
     return LoadedModel(lm=lm, evaluated_as=how, engine="transformers")
