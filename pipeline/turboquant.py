@@ -192,7 +192,7 @@ def kv_cache_problem(model_config) -> str | None:
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     text_cfg = model_config.get_text_config(decoder=True)
-    arch = (getattr(model_config, "architectures", None) or [type(model_config).__name__])[0]
+    arch = (getattr(model_config, "architectures", None) or [model_config.model_type])[0]
     other = sorted(set(get_layer_types_and_kwargs(text_cfg)[0]) - set(KV_LAYER_TYPES))
     if other:
         return (f"TurboQuant KV cache: {arch} has {', '.join(other)} layers, whose cached state is not per-token "
