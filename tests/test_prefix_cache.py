@@ -156,8 +156,11 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
     stock, ours, model = tiny_lms
     gen = {"until": ["\n\n\n"], "max_gen_toks": 300, "do_sample": False}
     reqs = [Instance("generate_until", {}, (FIXED_TEXT[: 40 + 25 * i], gen), idx=i) for i in range(5)]
-    got, want = ours.generate_until(reqs), stock.generate_until(reqs)
+    with _Count(model.lm_head) as head:
+        got = ours.generate_until(reqs)
+    want = stock.generate_until(reqs)
     assert got == want and all(len(g) > 0 for g in got)
+    assert head.widest <= 3  # generate's logits_to_keep=1: one position per row (batch 3), prompts included
 
     import torch
 
@@ -234,3 +237,48 @@ def test_rows_with_run_time_activation_quantization_keep_stock_log_likelihoods(t
     assert not cfg({"g": {"weights": {"num_bits": 4}, "input_activations": None}})
     (tmp_path / "config.json").write_text("{}")
     assert not _dynamic_activations(tmp_path)
+
+
+def test_peak_memory_reports_the_block_peak_and_nests():
+    import numpy as np
+
+    from pipeline.memory import peak_memory_bytes
+
+    with peak_memory_bytes() as outer:
+        a = np.ones(60_000_000 // 8)
+        a += 1  # touch every page
+        del a
+        with peak_memory_bytes() as inner:
+            b = np.ones(20_000_000 // 8)
+            del b
+    assert 55e6 < outer.grown_bytes < 70e6  # the inner block's reset did not erase the outer's peak
+    assert 18e6 < inner.grown_bytes < 30e6
+
+
+def test_auto_batch_size_is_measured_and_the_evaluation_stays_within_the_budget(tiny_model):
+    """A budget below one sequence is refused; a larger budget gives a larger batch; an evaluation
+    at the chosen batch, every request max_length long with every position read (the most a
+    log-likelihood batch holds), peaks within the budget."""
+    from lm_eval.api.instance import Instance
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import FIXED_TEXT
+    from pipeline.backends.prefix_cache import auto_batch_size
+    from pipeline.errors import QuantpipeError
+    from pipeline.memory import peak_memory_bytes, resident_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(QuantpipeError, match="over the memory budget"):
+        auto_batch_size(model, tok, 2048, budget_bytes=resident_bytes())
+    base = resident_bytes()
+    small, large = (auto_batch_size(model, tok, 2048, base + (mib << 20)) for mib in (250, 400))
+    assert 1 <= small < large < 64
+    lm = PrefixCachingHFLM(pretrained=model, tokenizer=tok, batch_size="auto", device="cpu", max_length=2048,
+                           memory_budget=base + (400 << 20), share_prefixes=False)  # stock batches: rows run together
+    assert lm.batch_size >= 2
+    text = FIXED_TEXT * 60
+    reqs = [Instance("loglikelihood_rolling", {}, (text[i:],), idx=i) for i in range(lm.batch_size)]
+    with peak_memory_bytes() as m:
+        lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert m.bytes <= base + (400 << 20), (m, lm.batch_size)

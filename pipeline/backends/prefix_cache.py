@@ -295,32 +295,45 @@ def auto_batch_size(model, tokenizer, max_len: int, budget_bytes: int, max_batch
     within budget_bytes. Call it on the model as it will be evaluated (PrefixCachingHFLM does, for
     batch_size="auto").
 
-    Measured, not modelled: the step is a forward over [b, max_len] tokens that keeps its KV cache
-    (as generation's prefill does; log-likelihood forwards keep none) and every position's LM-head
-    input (as a rolling log-likelihood window reads), then one LM-head chunk; it runs at b = 1 and
-    b = 2 under peak_memory_bytes. What a step allocates grows linearly in b, so the peak at b is
-    peak(1) + (b - 1) * (peak(2) - peak(1))."""
+    Measured, not modelled, under peak_memory_bytes:
+    - the forward of a step: [b, max_len] tokens, keeping the KV cache (as generation's prefill and
+      the prefix cache do) and the LM-head input of every position, gathered as a rolling
+      log-likelihood window reads them; run at b = 1, 2 and 4 (4 only if its predicted peak fits).
+      Its peak grows linearly in b: from b = 1 to 2 by a little less than later (allocator reuse),
+      so the slope is taken from the largest two measured;
+    - one full LM-head chunk (logits and log-softmax), a fixed cost, measured once and added on top
+      (the chunk partly reuses memory the forward freed, so the sum is an upper bound).
+    Costs up to seven sequences of max_len through the model."""
     from ..memory import peak_memory_bytes
 
     check_head(model)
     gen = torch.Generator().manual_seed(0)
 
-    def peak(b: int) -> int:
+    def forward_peak(b: int) -> int:
         ids = torch.randint(len(tokenizer), (b, max_len), generator=gen).to(model.device)
         with peak_memory_bytes(model.device.type) as m, torch.no_grad():
             with _head_inputs(model) as seen:
                 out = model(ids, use_cache=True)
-            next(head_logprobs(model, seen[0][0]))
-            del out, seen
+            read = seen[0].reshape(-1, seen[0].shape[-1]).clone()  # as _read gathers the positions it reads
+            del out, seen, read
         return m.bytes
 
-    one = peak(1)
-    if one > budget_bytes:
-        arch = type(model).__name__
-        raise QuantpipeError(f"{arch}: one sequence of {max_len} tokens peaks at {one / 2**30:.2f} GiB, over the "
-                             f"memory budget of {budget_bytes / 2**30:.2f} GiB")
-    per_row = max(1, peak(2) - one)
-    return int(max(1, min(max_batch, 1 + (budget_bytes - one) // per_row)))
+    def chunk_cost() -> int:
+        rows, width = head_rows(model.config.get_text_config().vocab_size), model.config.get_text_config().hidden_size
+        with peak_memory_bytes(model.device.type) as m, torch.no_grad():
+            next(head_logprobs(model, torch.zeros(rows, width, dtype=model.dtype, device=model.device)))
+        return m.grown_bytes
+
+    one, chunk = forward_peak(1), chunk_cost()
+    if one + chunk > budget_bytes:
+        raise QuantpipeError(f"{type(model).__name__}: one sequence of {max_len} tokens peaks at "
+                             f"{(one + chunk) / 2**30:.2f} GiB, over the memory budget of {budget_bytes / 2**30:.2f} GiB")
+    at, peak = 2, forward_peak(2)
+    slope = peak - one
+    if max_batch >= 4 and peak + 2 * slope + chunk <= budget_bytes:
+        at, peak, before = 4, forward_peak(4), peak
+        slope = (peak - before) / 2
+    return int(max(1, min(max_batch, at + (budget_bytes - chunk - peak) // max(slope, 1))))
 
 
 class PrefixCachingHFLM(HFLM):
