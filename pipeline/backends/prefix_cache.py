@@ -65,8 +65,9 @@ from ..errors import QuantpipeError
 MIN_SHARED = 32
 # Logits computed at once: rows x vocab x 4 bytes (a log-softmax copy of the same size follows).
 LOGITS_CHUNK_BYTES = 64 << 20
-# Fewest rows per LM-head call: below ~12 rows oneDNN/MKL pick kernels with another summation
-# order, so fewer rows would not reproduce stock's values (it runs the head on whole batches).
+# Fewest rows per LM-head call: with fewer than 12 rows (not a multiple of 4) MKL's float32 GEMM
+# takes kernels with another summation order (measured, AVX-512), so fewer rows would not
+# reproduce stock's values, which come from the head applied to a whole batch at once.
 MIN_HEAD_ROWS = 16
 
 
@@ -354,7 +355,7 @@ class PrefixCachingHFLM(HFLM):
             self.model.set_attn_implementation("sdpa_gqa")
         if self.causal:
             check_head(self.model)
-        if str(self.batch_size).startswith("auto"):
+        if self.causal and str(self.batch_size).startswith("auto"):
             from ..memory import memory_available_bytes, resident_bytes
 
             budget = memory_budget or resident_bytes() + int(0.8 * memory_available_bytes())
