@@ -237,3 +237,23 @@ def test_turboquant_kv_is_refused_for_recurrent_layers():
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(QuantpipeError, match="TurboQuant KV cache: lfm2 has conv layers"):
         apply_kv_cache(model, KVConfig().__dict__)
+
+
+@pytest.mark.parametrize("stage,params", [("fp8", {"scheme": "FP8_DYNAMIC"}), ("turboquant", {"preset": "turboquant_k3v4_nc"})])
+def test_loaded_rows_with_stock_batches_score_as_stock_hflm(stage, params, tiny_model, tok, tmp_path):
+    """load_for_eval gives FP8-dynamic rows and TurboQuant KV rows PrefixCachingHFLM without prefix
+    sharing; their log-likelihoods are stock HFLM's on the same checkpoint (and patch), bit for bit."""
+    from pipeline.backends import load_for_eval
+    from pipeline.backends.hf import apply_runtime_patches
+    from pipeline.registry import get_stage
+    from pipeline.stages.base import Artifact, StageContext
+
+    cls = get_stage(stage)
+    out = cls(cls.Params.model_validate(params)).run(Artifact(tiny_model, "hf", key="b"), tmp_path, StageContext(lambda: [], 64, 0))
+    loaded = load_for_eval(out, "float32", batch_size=3, max_length=256)
+    assert isinstance(loaded.lm, PrefixCachingHFLM) and not loaded.lm.prefix_caching
+    model = AutoModelForCausalLM.from_pretrained(out.path, dtype="float32" if out.format == "hf" else "auto").eval()
+    apply_runtime_patches(model, out.meta)
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu", max_length=256)
+    reqs = loglikelihood_requests()
+    assert loaded.lm.loglikelihood(reqs) == stock.loglikelihood(reqs)
