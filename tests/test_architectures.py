@@ -257,3 +257,20 @@ def test_loaded_rows_with_stock_batches_score_as_stock_hflm(stage, params, tiny_
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3, device="cpu", max_length=256)
     reqs = loglikelihood_requests()
     assert loaded.lm.loglikelihood(reqs) == stock.loglikelihood(reqs)
+
+
+@pytest.mark.parametrize("name", ["CohereConfig", "GraniteConfig"])
+def test_logit_scaling_architectures_pass_the_head_check(name):
+    """Cohere multiplies the head's output by logit_scale, Granite divides by logits_scaling: the
+    bounded head reproduces both exactly."""
+    import transformers
+
+    from pipeline.backends.prefix_cache import check_head, hf_next_token_logprobs
+
+    extra = {"logit_scale": 0.3} if name == "CohereConfig" else {"logits_scaling": 7.0}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, name)(**SMALL, vocab_size=1024, **extra)).eval()
+    check_head(model)
+    ids = list(range(5, 60))
+    want = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    assert torch.equal(torch.cat(list(hf_next_token_logprobs(model, ids, chunk=16))), want)
