@@ -90,15 +90,18 @@ def peak_memory_bytes(device: str = "cpu"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         m.start_bytes = torch.cuda.memory_allocated()
-        yield m
-        torch.cuda.synchronize()
-        m.bytes = torch.cuda.max_memory_allocated()
+        try:
+            yield m
+        finally:
+            torch.cuda.synchronize()
+            m.bytes = torch.cuda.max_memory_allocated()
         return
     if not _STATUS.exists():  # no /proc (macOS): lifetime peak, an upper bound
-        scale = 1 if sys.platform == "darwin" else 1024
-        m.start_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-        yield m
-        m.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        m.start_bytes = resident_bytes()
+        try:
+            yield m
+        finally:
+            m.bytes = resident_bytes()
         return
     _trim_heap()
     m.start_bytes = _status_kb("VmRSS")
