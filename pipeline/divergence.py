@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,24 @@ def corpus_key(texts: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16] + f"-k{TOP_K}-c{CHUNK}"
 
 
-def sequence_logprobs(loaded, ids: list[int]) -> np.ndarray:
-    """(len(ids)-1, vocab) next-token log-probs for positions 0..n-2, from the row's backend."""
-    return np.asarray(loaded.next_token_logprobs(ids))
+ROWS = 32  # positions whose log-probs are held at once: ROWS x vocab float64 (64 MiB at a 262k vocabulary)
+
+
+def sequence_logprobs(loaded, ids: list[int]) -> Iterator[np.ndarray]:
+    """float64 next-token log-probs for positions 0..n-2, in order, [<= ROWS, vocab] at a time, from
+    the row's backend (a window's [n, vocab] float64 matrix is never built where the backend chunks;
+    a backend may also return the whole window as one array)."""
+    chunks = loaded.next_token_logprobs(ids, ROWS)
+    for logp in [chunks] if isinstance(chunks, np.ndarray) else chunks:
+        yield np.asarray(logp, dtype=np.float64)
+
+
+def _rows(chunks: Iterator[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    """(first position, log-prob rows) for each chunk."""
+    a = 0
+    for logp in chunks:
+        yield a, logp
+        a += len(logp)
 
 
 def base_reference(loaded, tokenizer, texts: dict[str, str]) -> dict:
@@ -76,11 +92,19 @@ def base_reference(loaded, tokenizer, texts: dict[str, str]) -> dict:
         idx, lp, tgt_lp = [], [], []
         wins = windows(tokenizer, text)
         for w in wins:
-            logp = sequence_logprobs(loaded, w)
-            top = np.argpartition(-logp, TOP_K, axis=-1)[:, :TOP_K]
-            idx.append(top.astype(np.int32))
-            lp.append(np.take_along_axis(logp, top, -1).astype(np.float32))
-            tgt_lp.append(logp[np.arange(len(w) - 1), w[1:]].astype(np.float32))
+            parts = []
+            for a, logp in _rows(sequence_logprobs(loaded, w)):
+                top = np.argpartition(-logp, TOP_K, axis=-1)[:, :TOP_K]
+                parts.append(
+                    (
+                        top.astype(np.int32),
+                        np.take_along_axis(logp, top, -1).astype(np.float32),
+                        logp[np.arange(len(logp)), w[a + 1 : a + 1 + len(logp)]].astype(np.float32),
+                    )
+                )
+            idx.append(np.concatenate([p[0] for p in parts]))
+            lp.append(np.concatenate([p[1] for p in parts]))
+            tgt_lp.append(np.concatenate([p[2] for p in parts]))
         ref[name] = {"windows": wins, "top_idx": idx, "top_lp": lp, "target_lp": tgt_lp}
     return ref
 
@@ -117,20 +141,21 @@ def compare(loaded, ref: dict) -> dict:
     out = {}
     for name, r in ref.items():
         kls, agree, nll_b, nll_v, mass = [], [], [], [], []
-        for w, idx, lp_b, tgt_b in zip(r["windows"], r["top_idx"], r["top_lp"], r["target_lp"]):
-            logq = sequence_logprobs(loaded, w)
-            p_top = np.exp(lp_b.astype(np.float64))
-            q_top = np.exp(np.take_along_axis(logq, idx.astype(np.int64), -1))
-            p_rest = np.clip(1 - p_top.sum(-1), 1e-12, None)
-            q_rest = np.clip(1 - q_top.sum(-1), 1e-12, None)
-            kl = (p_top * (lp_b - np.log(np.clip(q_top, 1e-300, None)))).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
-            kls.append(np.maximum(kl, 0))
-            base_top1 = idx[np.arange(len(idx)), lp_b.argmax(-1)]
-            agree.append(logq.argmax(-1) == base_top1)
-            nll_b.append(-tgt_b)
-            nll_v.append(-logq[np.arange(len(w) - 1), w[1:]])
-            mass.append(p_top.sum(-1))
-        window_kl = [float(k.mean()) for k in kls]
+        for w, idx_w, lp_w, tgt_w in zip(r["windows"], r["top_idx"], r["top_lp"], r["target_lp"]):
+            for a, logq in _rows(sequence_logprobs(loaded, w)):
+                rows = slice(a, a + len(logq))
+                idx, lp_b, nxt = idx_w[rows], lp_w[rows], w[a + 1 : a + 1 + len(logq)]
+                p_top = np.exp(lp_b.astype(np.float64))
+                q_top = np.exp(np.take_along_axis(logq, idx.astype(np.int64), -1))
+                p_rest = np.clip(1 - p_top.sum(-1), 1e-12, None)
+                q_rest = np.clip(1 - q_top.sum(-1), 1e-12, None)
+                kl = (p_top * (lp_b - np.log(np.clip(q_top, 1e-300, None)))).sum(-1) + p_rest * (np.log(p_rest) - np.log(q_rest))
+                kls.append(np.maximum(kl, 0))
+                base_top1 = idx[np.arange(len(idx)), lp_b.argmax(-1)]
+                agree.append(logq.argmax(-1) == base_top1)
+                nll_b.append(-tgt_w[rows])
+                nll_v.append(-logq[np.arange(len(logq)), nxt])
+                mass.append(p_top.sum(-1))
         kls, agree = np.concatenate(kls), np.concatenate(agree)
         nb, nv = np.concatenate(nll_b), np.concatenate(nll_v)
         out[name] = {
@@ -142,6 +167,5 @@ def compare(loaded, ref: dict) -> dict:
             "ppl": float(np.exp(nv.mean())),
             "ppl_ratio": float(np.exp(nv.mean() - nb.mean())),
             "base_topk_mass": float(np.concatenate(mass).mean()),
-            "window_kl": window_kl,
         }
     return out

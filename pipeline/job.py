@@ -32,6 +32,13 @@ from .types import Artifact
 log = logging.getLogger("quantpipe")
 
 
+def _device(loaded: LoadedModel) -> str:
+    """Where the row's evaluation allocates: the GPU for engines on CUDA, else this process's memory."""
+    model = getattr(loaded.lm, "model", None)
+    device = getattr(model, "device", None)
+    return str(device) if device is not None and str(device).startswith("cuda") else "cpu"
+
+
 def round_ends(n_chunks: int, growth: float) -> list[int]:
     """Cumulative chunks at the end of each round: 1, then x growth (at least one more chunk) per round."""
     ends = [1]
@@ -241,12 +248,12 @@ class Job:
         return store.cached(step.path, step.key, compute, step.id)[1]
 
     def _evaluate(self, step: Step, models: ModelSlot) -> bool:
-        from .memory import PeakMemory
+        from .memory import peak_memory_bytes
 
         def compute(tmp: Path) -> dict:
             loaded = models.get(step.row)
             selection = None if step.items is None else self.evaluator.selection(step.task, *step.items)
-            with PeakMemory() as peak:
+            with peak_memory_bytes(_device(loaded)) as peak:
                 record, samples = self.evaluator.run(loaded, step.task, selection)
             (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
             settings = self.evaluator.settings(step.task, selection)

@@ -1,46 +1,144 @@
-"""Peak memory of a block of work: resident set on CPU, allocated memory on a CUDA GPU."""
+"""Peak memory of this process during a block of code.
+
+CPU: the kernel keeps the resident-set high-water mark (VmHWM in /proc/self/status), and writing
+"5" to /proc/self/clear_refs resets it to the current resident set, so the peak of a block is
+read exactly, with no sampling. Freed heap pages that glibc keeps would count as "resident at
+start" and hide growth, so the block starts after gc and malloc_trim. Where clear_refs is not
+writable, a thread samples VmRSS every 2 ms (short spikes can be missed); without /proc at all,
+ru_maxrss (the lifetime peak) is reported, an upper bound.
+GPU: torch.cuda's allocator statistics (max_memory_allocated), reset at the start of the block.
+
+Blocks may nest: an inner block's reset would erase the outer's high-water mark, so the mark is
+folded into every enclosing block before each reset.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import resource
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
 
-def _vm_hwm() -> int | None:
+
+@dataclass
+class PeakMemory:
+    device: str
+    start_bytes: int = 0  # resident (CPU) or allocated (GPU) when the block began
+    bytes: int = 0  # peak during the block, absolute; set when the block ends
+    _seen: int = field(default=0, repr=False)  # high-water marks folded in by nested blocks
+
+    @property
+    def grown_bytes(self) -> int:
+        return max(0, self.bytes - self.start_bytes)
+
+
+_active: list[PeakMemory] = []
+
+
+def _status_kb(key: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _trim_heap() -> None:
+    gc.collect()
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _reset_hwm() -> bool:
+    for outer in _active:  # the reset erases their mark: keep it
+        outer._seen = max(outer._seen, _status_kb("VmHWM"))
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class _Sampler(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = _status_kb("VmRSS")
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, _status_kb("VmRSS"))
+
+
+@contextmanager
+def peak_memory_bytes(device: str = "cpu"):
+    """`with peak_memory_bytes() as m: ...` then m.bytes is this process's peak resident set
+    during the block (m.grown_bytes: above what was resident when it began). device="cuda":
+    peak bytes allocated by torch on the current GPU instead."""
+    m = PeakMemory(device)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        m.start_bytes = torch.cuda.memory_allocated()
+        try:
+            yield m
+        finally:
+            torch.cuda.synchronize()
+            m.bytes = torch.cuda.max_memory_allocated()
+        return
+    if not _STATUS.exists():  # no /proc (macOS): lifetime peak, an upper bound
+        m.start_bytes = resident_bytes()
+        try:
+            yield m
+        finally:
+            m.bytes = resident_bytes()
+        return
+    _trim_heap()
+    m.start_bytes = _status_kb("VmRSS")
+    sampler = None
+    if not _reset_hwm():
+        sampler = _Sampler()
+        sampler.start()
+    _active.append(m)
+    try:
+        yield m
+    finally:
+        _active.remove(m)
+        if sampler is not None:
+            sampler.stop.set()
+            sampler.join()
+            m.bytes = max(sampler.peak, _status_kb("VmRSS"), m._seen)
+        else:
+            m.bytes = max(_status_kb("VmHWM"), m._seen)
+        for outer in _active:
+            outer._seen = max(outer._seen, m.bytes)
+
+
+def memory_available_bytes() -> int:
+    """What this process could still grow by: MemAvailable (Linux), else total physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-class PeakMemory:
-    """`with PeakMemory() as p: ...; p.bytes` — the process's peak resident set during the block
-    (the kernel's high-water mark, reset on entry where /proc allows it), or the peak CUDA
-    allocation when a GPU is in use."""
-
-    def __enter__(self) -> PeakMemory:
-        self.bytes = None
-        self.cuda = False
-        try:
-            import torch
-
-            self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats()
-        except ImportError:
-            pass
-        try:  # "5" resets VmHWM to the current resident set (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            import torch
-
-            self.bytes = int(torch.cuda.max_memory_allocated())
-        else:
-            self.bytes = _vm_hwm()
+def resident_bytes() -> int:
+    """Resident set of this process now (without /proc: its lifetime peak)."""
+    if _STATUS.exists():
+        return _status_kb("VmRSS")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

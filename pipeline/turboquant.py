@@ -185,14 +185,42 @@ def make_kv_cache(cfg: KVConfig, model_config):
     return TurboQuantKVCache(config=model_config)
 
 
+KV_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def kv_cache_problem(model_config) -> str | None:
+    """Why the KV-cache quantizer cannot run on this architecture, or None. It quantizes what each
+    attention layer stores per token; recurrent or compressed layer states are something else."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    text_cfg = model_config.get_text_config(decoder=True)
+    arch = (getattr(model_config, "architectures", None) or [model_config.model_type])[0]
+    other = sorted(set(get_layer_types_and_kwargs(text_cfg)[0]) - set(KV_LAYER_TYPES))
+    if other:
+        return (
+            f"TurboQuant KV cache: {arch} has {', '.join(other)} layers, whose cached state is not per-token "
+            f"keys and values; only {', '.join(KV_LAYER_TYPES)} layers can be quantized"
+        )
+    return None
+
+
 def apply_kv_cache(model, config: dict) -> str:
-    """Runtime patch (named in an artifact's meta): every forward without a cache of ours gets one."""
+    """Runtime patch (named in an artifact's meta): every forward without a cache of ours gets one.
+    The wrapper keeps forward's signature (functools.wraps): transformers and PrefixCachingHFLM read
+    it to find `logits_to_keep`, without which generate computes logits at every prompt position."""
+    import functools
+
     from transformers import DynamicCache
 
+    from .errors import QuantpipeError
+
+    if problem := kv_cache_problem(model.config):
+        raise QuantpipeError(problem)
     cfg = KVConfig(**config)
     original = model.forward
     cache_type = type(make_kv_cache(cfg, model.config))
 
+    @functools.wraps(original)
     def forward(*args, past_key_values=None, use_cache=None, **kwargs):
         fresh = past_key_values is None or (
             isinstance(past_key_values, DynamicCache)

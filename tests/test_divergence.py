@@ -19,6 +19,21 @@ def base_loaded(tiny_model):
 TEXTS = {"docs": dv.corpus(None)["docs"][:3000]}
 
 
+def _full(loaded, ids) -> np.ndarray:
+    return np.concatenate(list(dv.sequence_logprobs(loaded, ids)))
+
+
+def test_chunked_logprobs_are_the_whole_window_log_softmax_bit_for_bit(base_loaded):
+    """Chunks of positions through the LM head give exactly the float64 log-softmax of the model's
+    own logits for the whole window (what the reference was computed from before chunking)."""
+    w = dv.windows(base_loaded.lm.tokenizer, TEXTS["docs"])[0]
+    with torch.no_grad():
+        whole = dv._log_softmax(base_loaded.lm.model(torch.tensor([w])).logits[0, :-1].float())
+    chunks = list(dv.sequence_logprobs(base_loaded, w))
+    assert len(chunks) == -(-(len(w) - 1) // dv.ROWS) and max(len(c) for c in chunks) == dv.ROWS
+    assert np.array_equal(np.concatenate(chunks), whole)
+
+
 def test_identical_model_gives_zero_kl_full_agreement(base_loaded, tmp_path):
     ref = dv.base_reference(base_loaded, base_loaded.lm.tokenizer, TEXTS)
     dv.save_reference(ref, tmp_path / "ref.npz")
@@ -41,7 +56,7 @@ def test_topk_kl_is_a_lower_bound_and_exact_with_the_full_vocab(top_k, base_load
     approx = dv.compare(other, ref)["docs"]
     exact, nll_diff = [], []
     for w in ref["docs"]["windows"]:
-        p, q = dv.sequence_logprobs(base_loaded, w), dv.sequence_logprobs(other, w)
+        p, q = _full(base_loaded, w), _full(other, w)
         exact.append((np.exp(p) * (p - q)).sum(-1))
         nll_diff.append(p[np.arange(len(w) - 1), w[1:]] - q[np.arange(len(w) - 1), w[1:]])
     exact = float(np.concatenate(exact).mean())

@@ -154,7 +154,7 @@ class HalfBackend(Backend):
         lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(art.path), batch_size=batch_size, device="cpu")
         return LoadedModel(lm, "fp16 weights through the half-backend plug-in", "plug-in", self)
 
-    def next_token_logprobs(self, loaded, ids):
+    def next_token_logprobs(self, loaded, ids, rows):
         import torch
 
         with torch.no_grad():

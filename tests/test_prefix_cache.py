@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.backends.prefix_cache import PrefixCachingHFLM, plan_groups
+from pipeline.backends.prefix_cache import PrefixCachingHFLM, head_rows, plan_groups
 
 
 @settings(max_examples=200, deadline=None)
@@ -69,15 +70,21 @@ def _requests(n_items=5):
 
 
 class _Count:
-    """Counts the positions a module is applied to (its input's batch x sequence), and its calls."""
+    """Counts the positions a module is applied to (token ids, or hidden states [..., hidden]), its
+    calls, and the most positions in one call. An LM head that returned no logits (its input was
+    only recorded, see prefix_cache._head_inputs) is not counted."""
 
     def __init__(self, module):
-        self.positions = self.calls = 0
-        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+        self.positions = self.calls = self.widest = 0
+        self.handle = module.register_forward_hook(self, with_kwargs=True)
 
-    def __call__(self, module, args, kwargs):
+    def __call__(self, module, args, kwargs, output):
         x = args[0] if args else kwargs["input_ids"]
-        self.positions += x.shape[0] * x.shape[1]
+        if isinstance(output, torch.Tensor) and output.shape[-1] == 0:
+            return
+        n = x.numel() if x.dtype == torch.long else x[..., 0].numel()
+        self.positions += n
+        self.widest = max(self.widest, n)
         self.calls += 1
 
     def __enter__(self):
@@ -105,12 +112,16 @@ def test_loglikelihoods_match_stock_hflm_with_fewer_tokens_run(tiny_lms):
     assert ours_tokens.positions < 0.5 * stock_tokens.positions
 
 
-def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_read(tiny_model, tiny_lms):
-    """share_prefixes=False (rows with run-time activation rounding) keeps stock's batches and
-    inputs exactly; only the LM head is applied to fewer positions."""
+def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_read(tiny_model, tiny_lms, monkeypatch):
+    """share_prefixes=False (rows with run-time activation rounding, runtime KV patches) keeps
+    stock's batches and inputs exactly, and its answers bit for bit; only the LM head is applied
+    to fewer positions, a bounded number at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.backends import prefix_cache
+
     stock = tiny_lms[0]
+    monkeypatch.setattr(prefix_cache, "LOGITS_CHUNK_BYTES", 4 * 512 * 20)  # 20 rows of logits at a time
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
     ours = PrefixCachingHFLM(
         pretrained=model,
@@ -129,10 +140,10 @@ def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_
     ):
         got = ours.loglikelihood(reqs)
         want = stock.loglikelihood(reqs)
-    _assert_same_answers(got, want)
+    assert got == want
     assert body.positions == stock_body.positions and body.calls == stock_body.calls  # same batches
     assert head.positions < 0.5 * stock_head.positions
-    assert ours._read_from is None  # the window table does not outlive the call
+    assert head.widest == head_rows(model.config.vocab_size) == 20 and stock_head.widest > 1000
 
 
 def test_rolling_loglikelihood_matches_stock(tiny_lms):
@@ -155,8 +166,11 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
     stock, ours, model = tiny_lms
     gen = {"until": ["\n\n\n"], "max_gen_toks": 300, "do_sample": False}
     reqs = [Instance("generate_until", {}, (FIXED_TEXT[: 40 + 25 * i], gen), idx=i) for i in range(5)]
-    got, want = ours.generate_until(reqs), stock.generate_until(reqs)
+    with _Count(model.lm_head) as head:
+        got = ours.generate_until(reqs)
+    want = stock.generate_until(reqs)
     assert got == want and all(len(g) > 0 for g in got)
+    assert head.widest <= 3  # generate's logits_to_keep=1: one position per row (batch 3), prompts included
 
     import torch
 
@@ -232,3 +246,55 @@ def test_rows_with_run_time_activation_quantization_keep_stock_log_likelihoods(t
     assert not cfg({"g": {"weights": {"num_bits": 4}, "input_activations": None}})
     (tmp_path / "config.json").write_text("{}")
     assert not _dynamic_activations(tmp_path)
+
+
+def test_peak_memory_reports_the_block_peak_and_nests():
+    import numpy as np
+
+    from pipeline.memory import peak_memory_bytes
+
+    with peak_memory_bytes() as outer:
+        a = np.ones(60_000_000 // 8)
+        a += 1  # touch every page
+        del a
+        with peak_memory_bytes() as inner:
+            b = np.ones(20_000_000 // 8)
+            del b
+    assert 55e6 < outer.grown_bytes < 70e6  # the inner block's reset did not erase the outer's peak
+    assert 18e6 < inner.grown_bytes < 30e6
+
+
+def test_auto_batch_size_is_measured_and_the_evaluation_stays_within_the_budget(tiny_model):
+    """A budget below one sequence is refused; a larger budget gives a larger batch; an evaluation
+    at the chosen batch, every request max_length long with every position read (the most a
+    log-likelihood batch holds), peaks within the budget."""
+    from helpers import FIXED_TEXT
+    from lm_eval.api.instance import Instance
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.backends.prefix_cache import auto_batch_size
+    from pipeline.errors import QuantpipeError
+    from pipeline.memory import peak_memory_bytes, resident_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(QuantpipeError, match="over the memory budget"):
+        auto_batch_size(model, tok, 2048, budget_bytes=resident_bytes())
+    base = resident_bytes()
+    small, large = (auto_batch_size(model, tok, 2048, base + (mib << 20)) for mib in (250, 400))
+    assert 1 <= small < large < 64
+    lm = PrefixCachingHFLM(
+        pretrained=model,
+        tokenizer=tok,
+        batch_size="auto",
+        device="cpu",
+        max_length=2048,
+        memory_budget=base + (400 << 20),
+        share_prefixes=False,
+    )  # stock batches: rows run together
+    assert lm.batch_size >= 2
+    text = FIXED_TEXT * 60
+    reqs = [Instance("loglikelihood_rolling", {}, (text[i:],), idx=i) for i in range(lm.batch_size)]
+    with peak_memory_bytes() as m:
+        lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert m.bytes <= base + (400 << 20), (m, lm.batch_size)

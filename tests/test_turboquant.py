@@ -119,3 +119,19 @@ def test_weight_mode_reloads_close_to_base(tiny_model, tmp_path):
     kl2 = mean_kl(base, token_logprobs(AutoModelForCausalLM.from_pretrained(out2.path), tok))
     assert 0 < kl4 < 0.04 and kl2 > 2 * kl4, (kl4, kl2)
     assert (tmp_path / "turboquant.json").is_file() and "4.12 bpw" in out.bits
+
+
+def test_patched_forward_keeps_its_signature_so_generate_computes_last_position_logits_only(tiny_model):
+    """generate asks for logits_to_keep=1 only when forward's signature lists it: without it, the
+    prompt's [batch, length, vocab] logits were built at every prefill."""
+    import inspect
+
+    model = _patched(tiny_model, key_bits=3, value_bits=4)
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok([FIXED_TEXT, FIXED_TEXT[:100]], return_tensors="pt", padding=True, padding_side="left")
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[:-1].numel()))
+    model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    hook.remove()
+    assert rows == [2] * 5  # one position per row, prompt included

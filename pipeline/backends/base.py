@@ -9,6 +9,7 @@ ships a backend for it the same way.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
@@ -32,9 +33,10 @@ class LoadedModel:
     backend: Backend
     weights_bytes: int | None = None  # the model's weights as loaded for evaluation (dequantized or not)
 
-    def next_token_logprobs(self, ids: list[int]) -> np.ndarray:
-        """(len(ids) - 1, vocab) float64 log-probs of the token after each position but the last."""
-        return self.backend.next_token_logprobs(self, ids)
+    def next_token_logprobs(self, ids: list[int], rows: int = 32) -> Iterator[np.ndarray] | np.ndarray:
+        """float64 log-probs of the token after each position but the last, [<= rows, vocab] at a time
+        (or one (len(ids) - 1, vocab) array)."""
+        return self.backend.next_token_logprobs(self, ids, rows)
 
 
 class Backend:
@@ -52,7 +54,8 @@ class Backend:
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         raise NotImplementedError
 
-    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
+    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int) -> Iterator[np.ndarray] | np.ndarray:
+        """Chunks of at most `rows` positions keep memory bounded for large vocabularies."""
         raise QuantpipeError(f"backend '{self.name}' gives no next-token distributions")
 
 

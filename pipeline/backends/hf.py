@@ -8,6 +8,7 @@ transformers fills missing weights with random values and only warns.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,6 @@ def _lm(model, art: Artifact, batch_size: int, max_length: int):
     runtime patch owns (TurboQuant), prefix-sharing otherwise (off for run-time activation
     quantization, see _dynamic_activations)."""
     import torch
-    from lm_eval.models.huggingface import HFLM
     from transformers import AutoTokenizer
 
     from .prefix_cache import PrefixCachingHFLM
@@ -105,15 +105,12 @@ def _lm(model, art: Artifact, batch_size: int, max_length: int):
     tokenizer = AutoTokenizer.from_pretrained(art.path, **trust())
     torch.manual_seed(SEEDS["torch_random_seed"])
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
-    if art.meta.get("runtime_patches"):
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", max_length=min(limit, max_length))
+    # Stock lm-eval batches (no prefix sharing) where a runtime patch owns the KV cache (TurboQuant:
+    # its cache cannot be reused) or activations are quantized at run time (see _dynamic_activations);
+    # every path applies the LM head only where log-probs are read, in bounded chunks.
+    share = not art.meta.get("runtime_patches") and not _dynamic_activations(art.path)
     return PrefixCachingHFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        batch_size=batch_size,
-        device="cpu",
-        max_length=min(limit, max_length),
-        share_prefixes=not _dynamic_activations(art.path),
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", max_length=min(limit, max_length), share_prefixes=share
     )
 
 
@@ -124,12 +121,13 @@ def tensor_bytes(model) -> int:
 
 
 class _TorchBackend(Backend):
-    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
+    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int) -> Iterator[np.ndarray]:
         import torch
 
-        with torch.no_grad():
-            logits = loaded.lm.model(torch.tensor([ids])).logits[0, :-1]
-        return torch.log_softmax(logits.to(torch.float64), dim=-1).numpy()
+        from .prefix_cache import hf_next_token_logprobs
+
+        for logp in hf_next_token_logprobs(loaded.lm.model, ids, chunk=rows, dtype=torch.float64):
+            yield logp.numpy()
 
 
 class TransformersBackend(_TorchBackend):

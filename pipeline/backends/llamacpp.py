@@ -186,5 +186,7 @@ class LlamaCppBackend(Backend):
 
         return LoadedModel(lm, how, "llama.cpp", self, int(llama_cpp.llama_model_size(lm.llm.model)))
 
-    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int]) -> np.ndarray:
-        return _log_softmax(np.array(loaded.lm.logits(ids)[:-1]))
+    def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int):
+        logits = loaded.lm.logits(ids)  # llama.cpp keeps them; only `rows` are made float64 at a time
+        for a in range(0, len(ids) - 1, rows):
+            yield _log_softmax(np.array(logits[a : min(a + rows, len(ids) - 1)]))

@@ -1,17 +1,32 @@
-"""lm-eval's HF model with shared-prefix key/value reuse for log-likelihood requests.
+"""lm-eval's HF model with shared-prefix key/value reuse for log-likelihood requests, and an LM
+head that never builds a [batch, length, vocab] matrix.
 
 Few-shot tasks send the same long prefix with every item: MMLU's subject description and five
 dev examples, TruthfulQA's six-question preamble (and each question again for each of its
 answers). Stock HFLM runs the whole prompt for every request and applies the LM head to every
 position. Here, as vLLM's prefix caching does, requests are sorted by token sequence, those that
 share a prefix are grouped, the prefix is run once and its key/value cache is reused for each
-request's remaining tokens, batched by length, and the LM head is applied only at the positions
-whose log-probabilities are read. Request inputs, truncation and the returned (log-prob,
-is-greedy) pairs are exactly stock HFLM's; only the floating-point summation order differs.
+request's remaining tokens, batched by length. Request inputs, truncation and the returned
+(log-prob, is-greedy) pairs are exactly stock HFLM's; only the floating-point summation order
+differs. Rows with run-time activation quantization (FP8-dynamic) or a runtime patch that owns
+the KV cache (TurboQuant) run with `share_prefixes=False`: stock lm-eval's batches, order and
+padding exactly, so their scores are stock's bit for bit.
+
+Bounded memory (every log-likelihood path): stock HFLM materializes float32 logits for every
+position of a batch and then a log-softmax copy (8 x 700 x 262,144 x 4 B = 5.9 GB each, for a
+262k vocabulary). Here the model runs with its LM head swapped for a recorder (`_head_inputs`),
+so the forward stops at the head's input (hidden states, `hidden_size` wide); the head, what the
+model's forward does to its output (`finish_logits`, checked against the model's own logits by
+`check_head`) and the log-softmax then run on the positions whose log-probs are read, at most
+`head_rows(vocab)` rows at a time (64 MiB of logits). The head sees at least MIN_HEAD_ROWS rows
+per call (padded with zeros): oneDNN/MKL switch to other kernels, with another summation order,
+below about 12 rows, and stock applies the head to a whole batch at once. Generation needs only
+the last position's logits, which transformers' generate asks for (`logits_to_keep=1`).
 
 Generation is stock HFLM's `generate` with two changes that leave every computed value alone:
-- the KV cache appends new tokens into spare capacity (AppendLayer) instead of concatenating the
-  whole cache at every step, which on CPU cost as much as the matmuls of a decode step;
+- the KV cache of full-attention layers appends new tokens into spare capacity (AppendLayer)
+  instead of concatenating the whole cache at every step, which on CPU cost as much as the
+  matmuls of a decode step; sliding-window layers keep transformers' own window cache;
 - a batch stops as soon as every row's returned text is settled (RowsSettled). Stock stops a
   batch only when one stop string has appeared in all rows, so a batch whose rows end on
   different stop strings runs to the token cap, and lm-eval then cuts each text at its first
@@ -30,17 +45,129 @@ from __future__ import annotations
 
 import copy
 import inspect
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
 from lm_eval.models.utils_hf import stop_sequences_criteria
 from transformers import AttentionInterface, DynamicCache, StoppingCriteria
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..errors import QuantpipeError
+
 # A prefix shorter than this is not worth a separate forward pass.
 MIN_SHARED = 32
+# Logits computed at once: rows x vocab x 4 bytes (a log-softmax copy of the same size follows).
+LOGITS_CHUNK_BYTES = 64 << 20
+# Fewest rows per LM-head call: with fewer than 12 rows (not a multiple of 4) MKL's float32 GEMM
+# takes kernels with another summation order (measured, AVX-512), so fewer rows would not
+# reproduce stock's values, which come from the head applied to a whole batch at once.
+MIN_HEAD_ROWS = 16
+
+
+# -- LM head, bounded ------------------------------------------------------------------------------
+
+
+def head_rows(vocab: int) -> int:
+    """Positions whose logits are computed together: LOGITS_CHUNK_BYTES of float32 logits."""
+    return max(MIN_HEAD_ROWS, LOGITS_CHUNK_BYTES // (4 * vocab))
+
+
+@contextmanager
+def _head_inputs(model) -> Iterator[list[torch.Tensor]]:
+    """Within the block the model's LM head records its input and returns zero-width logits, so a
+    forward computes everything but the [batch, positions, vocab] matrix."""
+    head = model.get_output_embeddings()
+    seen: list[torch.Tensor] = []
+
+    def record(hidden, *args, **kwargs):
+        seen.append(hidden)
+        return hidden.new_empty(*hidden.shape[:-1], 0)
+
+    saved = head.__dict__.get("forward")  # an instance-level forward (e.g. a quantization wrapper) comes back after
+    head.forward = record
+    try:
+        yield seen
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def finish_logits(model, logits: torch.Tensor) -> torch.Tensor:
+    """What transformers' causal-LM forwards do to the LM head's output, in their order of operations."""
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "logit_scale", None) is not None and hasattr(model, "logit_scale"):  # Cohere
+        logits = logits * model.logit_scale
+    if getattr(cfg, "logits_scaling", None) is not None:  # Granite
+        logits = logits / cfg.logits_scaling
+    if (cap := getattr(cfg, "final_logit_softcapping", None)) is not None:  # Gemma 2 and 3
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+_head_checked: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_head(model) -> None:
+    """Refuse a model whose logits are not `finish_logits(head(hidden))`: on a few tokens, the model's
+    own logits must equal ours bit for bit (same head input, so only the finishing can differ)."""
+    if model in _head_checked:
+        return
+    arch = type(model).__name__
+    head = model.get_output_embeddings()
+    if head is None:
+        raise QuantpipeError(
+            f"{arch}: no LM head module (get_output_embeddings() is None); quantpipe applies the "
+            "LM head itself to keep logits memory bounded, so it cannot evaluate this model"
+        )
+    ids = (torch.arange(1, 9) % model.config.get_text_config().vocab_size)[None].to(model.device)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        with _head_inputs(model) as seen:
+            model(ids, use_cache=False)
+        got = finish_logits(model, head(seen[0])) if len(seen) == 1 else None
+    if got is None or got.shape != want.shape or not torch.equal(got, want):
+        raise QuantpipeError(
+            f"{arch}: its forward transforms the LM head's output in a way quantpipe does not "
+            "reproduce (it knows final_logit_softcapping, logit_scale and logits_scaling), so its "
+            "log-probs cannot be computed with the bounded LM head"
+        )
+    _head_checked.add(model)
+
+
+def head_logprobs(
+    model, hidden: torch.Tensor, dtype: torch.dtype | None = None, rows: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, log-softmax of that chunk's logits) for hidden [n, hidden_size], `rows` at a time.
+    dtype None keeps the logits' dtype, as stock HFLM's log_softmax does."""
+    head = model.get_output_embeddings()
+    rows = rows or head_rows(model.config.get_text_config().vocab_size)
+    for a in range(0, hidden.shape[0], rows):
+        h = hidden[a : a + rows]
+        n = h.shape[0]
+        if n < MIN_HEAD_ROWS:
+            h = torch.cat([h, h.new_zeros(MIN_HEAD_ROWS - n, h.shape[1])])
+        logits = finish_logits(model, head(h))[:n]
+        yield a, F.log_softmax(logits, dim=-1, dtype=dtype)
+
+
+def hf_next_token_logprobs(model, ids: list[int], chunk: int | None = None, dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+    """Next-token log-probs for positions 0..len(ids)-2 of one sequence, [<= chunk, vocab] at a time
+    (dtype: the log-softmax's; the logits are cast to it first, as `logits.to(dtype).log_softmax()`)."""
+    check_head(model)
+    with torch.no_grad():
+        with _head_inputs(model) as seen:
+            model(torch.tensor([ids], device=model.device), use_cache=False)
+        for _, logp in head_logprobs(model, seen[0][0, :-1], dtype=dtype, rows=chunk):
+            yield logp
 
 
 def _common_prefix(a: tuple, b: tuple) -> int:
@@ -78,7 +205,7 @@ def plan_groups(seqs: list[tuple], starts: list[int], min_shared: int = MIN_SHAR
 def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers' SDPA attention, with GQA key/value heads read in place on CPU."""
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.device.type != "cpu" or groups == 1 or kwargs.get("position_bias") is not None:
+    if query.device.type != "cpu" or groups == 1 or kwargs.get("position_bias") is not None or key.shape[-1] != value.shape[-1]:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -122,9 +249,14 @@ class AppendLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def append_cache() -> DynamicCache:
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = AppendLayer
+def append_cache(config=None) -> DynamicCache:
+    """transformers' default generation cache for this config (sliding-window layers keep only their
+    window), with AppendLayer for the full-attention layers."""
+    cache = DynamicCache(config=config)
+    if cache.layers:
+        cache.layers = [AppendLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    else:
+        cache.layer_class_to_replicate = AppendLayer
     return cache
 
 
@@ -161,25 +293,87 @@ class RowsSettled(StoppingCriteria):
         return len(self.settled) == len(generated)
 
 
-class PrefixCachingHFLM(HFLM):
-    """HFLM whose log-likelihood path reuses shared-prefix KV state (see module docstring)."""
+def auto_batch_size(model, tokenizer, max_len: int, budget_bytes: int, max_batch: int = 64) -> int:
+    """The largest batch (at most max_batch) whose evaluation step at max_len tokens per row keeps
+    this process's peak resident memory (weights included; on a GPU: torch's allocated bytes)
+    within budget_bytes. Call it on the model as it will be evaluated (PrefixCachingHFLM does, for
+    batch_size="auto").
 
-    def __init__(self, *args, min_shared: int = MIN_SHARED, share_prefixes: bool = True, **kwargs):
+    Measured, not modelled, under peak_memory_bytes:
+    - the forward of a step: [b, max_len] tokens, keeping the KV cache (as generation's prefill and
+      the prefix cache do) and the LM-head input of every position, gathered as a rolling
+      log-likelihood window reads them; run at b = 1, 2 and 4 (4 only if its predicted peak fits).
+      Its peak grows linearly in b: from b = 1 to 2 by a little less than later (allocator reuse),
+      so the slope is taken from the largest two measured;
+    - one full LM-head chunk (logits and log-softmax), a fixed cost, measured once and added on top
+      (the chunk partly reuses memory the forward freed, so the sum is an upper bound).
+    Costs up to seven sequences of max_len through the model."""
+    from ..memory import peak_memory_bytes
+
+    check_head(model)
+    gen = torch.Generator().manual_seed(0)
+
+    def forward_peak(b: int) -> int:
+        ids = torch.randint(len(tokenizer), (b, max_len), generator=gen).to(model.device)
+        with peak_memory_bytes(model.device.type) as m, torch.no_grad():
+            with _head_inputs(model) as seen:
+                out = model(ids, use_cache=True)
+            read = seen[0].reshape(-1, seen[0].shape[-1]).clone()  # as _read gathers the positions it reads
+            del out, seen, read
+        return m.bytes
+
+    def chunk_cost() -> int:
+        rows, width = head_rows(model.config.get_text_config().vocab_size), model.config.get_text_config().hidden_size
+        with peak_memory_bytes(model.device.type) as m, torch.no_grad():
+            next(head_logprobs(model, torch.zeros(rows, width, dtype=model.dtype, device=model.device)))
+        return m.grown_bytes
+
+    one, chunk = forward_peak(1), chunk_cost()
+    if one + chunk > budget_bytes:
+        raise QuantpipeError(
+            f"{type(model).__name__}: one sequence of {max_len} tokens peaks at "
+            f"{(one + chunk) / 2**30:.2f} GiB, over the memory budget of {budget_bytes / 2**30:.2f} GiB"
+        )
+    at, peak = 2, forward_peak(2)
+    slope = peak - one
+    if max_batch >= 4 and peak + 2 * slope + chunk <= budget_bytes:
+        at, peak, before = 4, forward_peak(4), peak
+        slope = (peak - before) / 2
+    return int(max(1, min(max_batch, at + (budget_bytes - chunk - peak) // max(slope, 1))))
+
+
+class PrefixCachingHFLM(HFLM):
+    """HFLM whose log-likelihood path reuses shared-prefix KV state and applies the LM head in bounded
+    chunks (see module docstring). share_prefixes=False keeps stock lm-eval's batches exactly.
+    batch_size="auto" is resolved once, by measurement (auto_batch_size), against memory_budget
+    bytes of resident memory (default: what is resident now plus 80% of what is available)."""
+
+    def __init__(self, *args, min_shared: int = MIN_SHARED, share_prefixes: bool = True, memory_budget: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.min_shared = min_shared
         params = inspect.signature(self.model.forward).parameters
         self.causal = self.backend == "causal"
-        self.prefix_caching = share_prefixes and self.causal and "logits_to_keep" in params
-        # stock batching (no prefix sharing) still trims the LM head: see _model_call
-        self.trim_head = self.causal and "logits_to_keep" in params
-        self._read_from: dict[tuple, int] | None = None
+        self.keeps_positions = "logits_to_keep" in params  # else the head input covers every position
+        self.prefix_caching = share_prefixes and self.causal and self.keeps_positions
         if getattr(self.model.config, "_attn_implementation", None) == "sdpa":
             self.model.set_attn_implementation("sdpa_gqa")
+        if self.causal:
+            check_head(self.model)
+        if self.causal and str(self.batch_size).startswith("auto"):
+            from ..memory import memory_available_bytes, resident_bytes
+
+            budget = memory_budget or resident_bytes() + int(0.8 * memory_available_bytes())
+            self.batch_size_per_gpu = auto_batch_size(self.model, self.tokenizer, self.max_length, budget, max_batch=self.max_batch_size)
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None
+        )
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         """Stock HFLM._model_generate plus the appending cache and the RowsSettled criterion."""
         if self.causal and "past_key_values" not in generation_kwargs:
-            generation_kwargs["past_key_values"] = append_cache()
+            generation_kwargs["past_key_values"] = append_cache(self.model.config)
         generation_kwargs["temperature"] = generation_kwargs.get("temperature", 0.0)
         do_sample = generation_kwargs.get("do_sample")
         if (temp := generation_kwargs.get("temperature")) == 0.0 and do_sample is None:
@@ -190,7 +384,7 @@ class PrefixCachingHFLM(HFLM):
         if self.causal:
             eos = generation_kwargs.get("eos_token_id", self.model.generation_config.eos_token_id)
             criteria.append(RowsSettled(self.tokenizer, stop, context.shape[1], eos, self.tokenizer.pad_token_id))
-        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None):
+        with self._autocast():
             return self.model.generate(
                 input_ids=context,
                 max_length=max_length,
@@ -200,110 +394,123 @@ class PrefixCachingHFLM(HFLM):
                 **generation_kwargs,
             )
 
-    def _read_windows(self, requests) -> tuple[list[tuple], list[list[int]], dict[tuple, int]]:
-        """Model inputs exactly as stock HFLM builds them (left-truncated to max_length, last token
-        dropped), the continuations, and per distinct input the first position whose log-probs
-        are read (identical inputs, e.g. MMLU's one-token answers, read the widest window)."""
-        inputs, conts = [], []
-        for _, ctx, cont in requests:
-            assert len(ctx) > 0 and 0 < len(cont) <= self.max_length
-            inputs.append(tuple((ctx + cont)[-(self.max_length + 1) :][:-1]))
-            conts.append(cont)
-        first: dict[tuple, int] = {}
-        for inp, cont in zip(inputs, conts):
-            start = len(inp) - len(cont)
-            first[inp] = min(first.get(inp, start), start)
-        return inputs, conts, first
+    def _input(self, ctx: list[int], cont: list[int]) -> tuple:
+        """The model input stock HFLM builds: left-truncated to max_length, last token dropped."""
+        assert len(ctx) > 0 and 0 < len(cont) <= self.max_length
+        return tuple((ctx + cont)[-(self.max_length + 1) :][:-1])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        if not self.prefix_caching or self.batch_size == "auto":
-            # stock batching; _model_call still applies the LM head only where log-probs are read
-            self._read_from = self._read_windows(requests)[2] if self.trim_head else None
-            try:
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            finally:
-                self._read_from = None
+        if not self.causal:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if not self.prefix_caching:
+            return self._stock_batches(requests)
 
-        inputs, conts, unique = self._read_windows(requests)
-        seqs = list(unique)
-        starts = [unique[s] for s in seqs]
-        logprobs: dict[tuple, torch.Tensor] = {}  # input -> log-softmax rows from its start
+        inputs = [self._input(ctx, cont) for _, ctx, cont in requests]
+        users: dict[tuple, list[int]] = {}  # distinct input -> the requests reading it
+        for j, inp in enumerate(inputs):
+            users.setdefault(inp, []).append(j)
+        seqs = list(users)
+        # the first position read; identical inputs (MMLU's one-token answers) read the widest window
+        starts = [min(len(s) - len(requests[j][2]) for j in users[s]) for s in seqs]
+        res: list = [None] * len(requests)
         for prefix_len, members in plan_groups(seqs, starts, self.min_shared):
             cache = self._prefix_cache(seqs[members[0]][:prefix_len]) if prefix_len else None
             # batch by length, longest first (as stock lm-eval does)
             members = sorted(members, key=lambda i: -len(seqs[i]))
             for b in range(0, len(members), self.batch_size):
                 batch = members[b : b + self.batch_size]
-                rows = self._suffix_logprobs([seqs[i] for i in batch], [starts[i] for i in batch], prefix_len, cache)
-                for i, row in zip(batch, rows):
-                    logprobs[seqs[i]] = row
-        res = []
-        for (request_str, _, _), inp, cont in zip(requests, inputs, conts):
-            window = logprobs[inp][-len(cont) :]  # rows predicting the continuation tokens
-            cont_t = torch.tensor(cont, dtype=torch.long)
-            answer = (float(window.gather(1, cont_t[:, None]).sum()), bool((window.argmax(-1) == cont_t).all()))
-            res.append(answer)
+                hidden, first = self._suffix_hidden([seqs[i] for i in batch], [starts[i] for i in batch], prefix_len, cache)
+                reads, owners = [], []
+                for r, i in enumerate(batch):
+                    for j in users[seqs[i]]:
+                        cont = requests[j][2]
+                        reads.append((r, len(seqs[i]) - prefix_len - first - len(cont), cont))
+                        owners.append(j)
+                for j, answer in zip(owners, self._read(hidden, reads)):
+                    res[j] = answer
+        for (request_str, _, _), answer in zip(requests, res):
             if request_str is not None:
                 self.cache_hook.add_partial("loglikelihood", request_str, answer)
         return res
 
-    def _model_call(self, inps, attn_mask=None, labels=None):
-        """Stock forward, but on the stock log-likelihood path only the last positions that the
-        stock slicing reads get logits: it slices each row's window relative to the end of the
-        returned logits, so a shorter tail that covers every row's window reads the same rows."""
-        keep = self._tail_needed(inps) if self._read_from is not None and attn_mask is None and labels is None else 0
-        if not keep:
-            return super()._model_call(inps, attn_mask, labels)
-        with (
-            torch.no_grad(),
-            torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype, enabled=self.mixed_precision_dtype is not None),
-        ):
-            return self.model(inps, logits_to_keep=keep).logits
+    def _stock_batches(self, requests):
+        """Stock HFLM._loglikelihood_tokens for a causal model: the same order, batches, one-token
+        continuation grouping, right padding and forward inputs; only the LM head is bounded."""
+        re_ord = Collator(
+            requests,
+            sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
+            group_by="contexts" if self.logits_cache else None,
+            group_fn=lambda r: r[-2] + r[-1][:-1],
+        )
+        res = []
+        no_logits = torch.empty(1, 0, 0)  # get_cache expands a logits tensor per grouped request; ours are not built
+        for chunk in re_ord.get_batched(n=self.batch_size):
+            inps = [self._input(ctx, cont) for _, ctx, cont in chunk]
+            width = max(len(i) for i in inps)
+            ids = torch.zeros((len(inps), width), dtype=torch.long)  # lm-eval's pad_and_concat: right, zeros
+            for r, inp in enumerate(inps):
+                ids[r, : len(inp)] = torch.tensor(inp)
+            reads, strs = [], []
+            for r, ((request_str, ctx, cont), inp) in enumerate(zip(chunk, inps)):
+                for req_str, cont_j, _ in re_ord.get_cache(req_str=request_str, cxt_toks=ctx, cont_toks=cont, logits=no_logits):
+                    reads.append((r, len(inp) - len(cont_j), cont_j))
+                    strs.append(req_str)
+            first = min(p for _, p, _ in reads) if self.keeps_positions else 0
+            with torch.no_grad(), self._autocast(), _head_inputs(self.model) as seen:
+                kw = {"logits_to_keep": width - first} if self.keeps_positions else {}
+                self.model(ids.to(self.device), use_cache=False, **kw)
+            for req_str, answer in zip(strs, self._read(seen[0], [(r, p - first, c) for r, p, c in reads])):
+                res.append(answer)
+                if req_str is not None:
+                    self.cache_hook.add_partial("loglikelihood", req_str, answer)
+        return re_ord.get_original(res)
 
-    def _tail_needed(self, inps) -> int:
-        """Positions from the earliest read position of any row of this right-padded batch to the
-        end; 0 (all) if a row is not recognised. A row's input is the row with some of its
-        trailing zeros (padding) removed; where several lengths match, the earliest start wins."""
-        width = inps.shape[1]
-        first = width
-        for row in inps.tolist():
-            starts = []
-            n = width
-            while True:
-                if (start := self._read_from.get(tuple(row[:n]))) is not None:
-                    starts.append(start)
-                if n == 0 or row[n - 1] != 0:
-                    break
-                n -= 1
-            if not starts:
-                return 0
-            first = min(first, *starts)
-        return width - first
+    def _read(self, hidden: torch.Tensor, reads: list[tuple[int, int, list[int]]]) -> list[tuple[float, bool]]:
+        """(sum of continuation log-probs, greedy) per read (row of hidden, offset of the first position
+        read, continuation tokens), as stock computes them; the LM head runs once per distinct position."""
+        index: dict[tuple[int, int], int] = {}  # (row, position) -> row of `at`
+        pos, tok, spans = [], [], []
+        for r, off, cont in reads:
+            a = len(pos)
+            for k, t in enumerate(cont):
+                pos.append(index.setdefault((r, off + k), len(index)))
+                tok.append(t)
+            spans.append((a, len(pos)))
+        at = torch.tensor(list(index))
+        pos, tok = torch.tensor(pos), torch.tensor(tok)
+        vals, greedy = None, torch.empty(len(index), dtype=torch.long)
+        with torch.no_grad(), self._autocast():
+            for a, logp in head_logprobs(self.model, hidden[at[:, 0], at[:, 1]], dtype=self.softmax_dtype):
+                vals = torch.empty(len(pos), dtype=logp.dtype) if vals is None else vals
+                greedy[a : a + len(logp)] = logp.argmax(-1).cpu()
+                sel = (pos >= a) & (pos < a + len(logp))
+                vals[sel] = logp[pos[sel] - a, tok[sel]].cpu()
+        return [(float(vals[a:b].sum()), bool((greedy[pos[a:b]] == tok[a:b]).all())) for a, b in spans]
 
     def _prefix_cache(self, prefix: tuple):
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
         return out.past_key_values
 
-    def _suffix_logprobs(self, seqs, starts, prefix_len: int, cache):
-        """Log-softmax rows for positions start..end of each sequence, run after the shared prefix."""
-        import torch.nn.functional as F
-
+    def _suffix_hidden(self, seqs, starts, prefix_len: int, cache) -> tuple[torch.Tensor, int]:
+        """LM-head inputs [batch, positions, hidden] from the earliest start to the end of the longest
+        suffix, run after the shared prefix; and that earliest start, relative to the suffix."""
         suffixes = [s[prefix_len:] for s in seqs]
         width = max(len(s) for s in suffixes)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right padding: causal, so inert
         for r, s in enumerate(suffixes):
             ids[r, : len(s)] = torch.tensor(s)
         first = min(st - prefix_len for st in starts)
-        keep = torch.arange(first, width)
         past = None
         if cache is not None:
             past = copy.deepcopy(cache)
             if len(seqs) > 1:
                 past.batch_repeat_interleave(len(seqs))
-        with torch.no_grad():
-            logits = self.model(
-                ids.to(self.device), past_key_values=past, use_cache=past is not None, logits_to_keep=keep.to(self.device)
-            ).logits
-        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype).cpu()
-        return [logp[r, st - prefix_len - first : len(s) - first] for r, (s, st) in enumerate(zip(suffixes, starts))]
+        with torch.no_grad(), self._autocast(), _head_inputs(self.model) as seen:
+            self.model(
+                ids.to(self.device),
+                past_key_values=past,
+                use_cache=past is not None,
+                logits_to_keep=torch.arange(first, width, device=self.device),
+            )
+        return seen[0], first
