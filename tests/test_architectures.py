@@ -187,7 +187,7 @@ def test_kl_reference_chunks_are_the_model_logits(family, tok):
     loaded = LoadedModel(lm=lm, evaluated_as="test", engine="transformers", backend=TransformersBackend())
     texts = {"docs": dv.corpus(None)["docs"][:1500]}
     w = dv.windows(tok, texts["docs"])[0]
-    whole = dv._log_softmax(lm.model(torch.tensor([w])).logits[0, :-1].float())
+    whole = torch.log_softmax(lm.model(torch.tensor([w])).logits[0, :-1].float().to(torch.float64), dim=-1).numpy()
     assert np.array_equal(np.concatenate(list(dv.sequence_logprobs(loaded, w))), whole)
     out = dv.compare(loaded, dv.base_reference(loaded, tok, texts))["docs"]
     assert out["mean_kl"] == pytest.approx(0, abs=1e-9) and out["top1_agreement"] == 1.0

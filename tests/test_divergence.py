@@ -28,7 +28,7 @@ def test_chunked_logprobs_are_the_whole_window_log_softmax_bit_for_bit(base_load
     own logits for the whole window (what the reference was computed from before chunking)."""
     w = dv.windows(base_loaded.lm.tokenizer, TEXTS["docs"])[0]
     with torch.no_grad():
-        whole = dv._log_softmax(base_loaded.lm.model(torch.tensor([w])).logits[0, :-1].float())
+        whole = torch.log_softmax(base_loaded.lm.model(torch.tensor([w])).logits[0, :-1].float().to(torch.float64), dim=-1).numpy()
     chunks = list(dv.sequence_logprobs(base_loaded, w))
     assert len(chunks) == -(-(len(w) - 1) // dv.ROWS) and max(len(c) for c in chunks) == dv.ROWS
     assert np.array_equal(np.concatenate(chunks), whole)
