@@ -88,7 +88,7 @@ def child(path_name: str, model_dir: Path, length: int) -> dict:
     from pipeline.backends.hf import LoadedModel
     from pipeline.backends.prefix_cache import PrefixCachingHFLM
     from pipeline.memory import peak_memory_bytes
-    from pipeline.turboquant import PRESETS, apply_kv_cache, kv_config_dict
+    from pipeline.stages._turboquant import PRESETS, apply_kv_cache, kv_config_dict
 
     torch.set_grad_enabled(False)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -166,6 +166,8 @@ class Job:
             art_step = plan.artifact_step(row)
             art_key = art_step.key if art_step else self.base.key
             deps = (art_step.id,) if art_step else ()
+            backend = backend_for(self._row_format(row), self.recipe.eval.engine)
+            versions = store.lib_versions(backend.libraries)  # a new torch or llama.cpp re-evaluates
             for task in ev.tasks:
                 chunks = self._chunks(task)
                 ends = round_ends(len(chunks), self.recipe.eval.round_growth)
@@ -175,19 +177,19 @@ class Job:
                     if items is not None:
                         path = path / f"items-{items[0]:06d}-{items[1]:06d}"
                     rnd = bisect.bisect_right(ends, items[0] // self.recipe.eval.chunk_items) if items else 0
-                    key = store.content_key(art_key, settings)
+                    key = store.content_key(art_key, settings, versions)
                     plan.add(Step("eval", row, key, path, deps=deps, task=task, items=items, round=rnd))
-            if not backend_for(self._row_format(row), self.recipe.eval.engine).gives_logprobs:
+            if not backend.gives_logprobs:
                 log.debug("%s: no KL (its backend gives no next-token distributions)", row)
                 continue
             if kl_ref is None:
                 from . import divergence as dv
 
                 self.kl_texts = dv.corpus(ev.data_dir)
-                ref_key = store.content_key(self.base.key, dv.corpus_key(self.kl_texts))
+                ref_key = store.content_key(self.base.key, dv.corpus_key(self.kl_texts), versions)
                 kl_ref = plan.add(Step("kl_reference", "base", ref_key, self.root / "base" / "kl-reference"))
             if row != "base":
-                plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key), self.root / row / "kl", deps=(*deps, kl_ref.id)))
+                plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key, versions), self.root / row / "kl", deps=(*deps, kl_ref.id)))
         self._plan = plan
         return plan
 

@@ -33,7 +33,7 @@ from pipeline.backends.hf import TransformersBackend
 from pipeline.backends.prefix_cache import PrefixCachingHFLM
 from pipeline.errors import QuantpipeError
 from pipeline.memory import peak_memory_bytes
-from pipeline.turboquant import KVConfig, apply_kv_cache
+from pipeline.stages._turboquant import KVConfig, apply_kv_cache
 
 WINDOW = 16
 SMALL = dict(

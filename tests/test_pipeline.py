@@ -46,6 +46,15 @@ def table_numbers(root: Path) -> dict:
     return {r["name"]: {c: (v["score"], v["n"], (v.get("paired") or {}).get("diff")) for c, v in r["cells"].items()} for r in t["rows"]}
 
 
+def stored(root: Path) -> dict[Path, int]:
+    """mtime of every stored record under a run folder, read safely while a run is changing it."""
+    while True:
+        try:
+            return {p: p.stat().st_mtime_ns for p in root.rglob("manifest.json") if ".work" not in p.parts}
+        except FileNotFoundError:  # a folder vanished mid-walk (a temporary one, or a record replaced)
+            time.sleep(0.01)
+
+
 def record(folder: Path) -> dict:
     """A stored record's manifest (key, meta, files)."""
     return json.loads((folder / "manifest.json").read_text())
@@ -142,7 +151,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(finished, tiny_model,
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)  # mid-run: fp8 built, its evaluation (at least) not yet done
     proc.wait()
-    done = {p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("manifest.json")}
+    done = stored(art / "tiny")
     assert marker in done and not (art / "tiny" / "report").exists()
     r = quantpipe("run", recipe, "--artifacts", art, "--allow-code-execution")
     assert "build fp8[0] fp8: reused" in r.stderr
@@ -263,7 +272,7 @@ def test_killed_at_random_points_then_resumed(finished, tiny_model, data_dir, tm
             stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 1800
-        while proc.poll() is None and time.time() < deadline and not set((art / "tiny").rglob("manifest.json")) - set(finished_files):
+        while proc.poll() is None and time.time() < deadline and not set(stored(art / "tiny")) - set(finished_files):
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 3.0))
         if proc.poll() is not None:
@@ -273,7 +282,7 @@ def test_killed_at_random_points_then_resumed(finished, tiny_model, data_dir, tm
         kills += 1
         for p, mtime in finished_files.items():
             assert p.stat().st_mtime_ns == mtime, f"{p} was redone after a kill"
-        finished_files.update({p: p.stat().st_mtime_ns for p in (art / "tiny").rglob("manifest.json")})
+        finished_files.update(stored(art / "tiny"))
     r = quantpipe("run", recipe, "--artifacts", art, "--allow-code-execution")
     for p, mtime in finished_files.items():
         assert p.stat().st_mtime_ns == mtime, f"{p} was redone"

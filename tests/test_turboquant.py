@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.backends.hf import apply_runtime_patches
 from pipeline.recipe import parse_recipe
+from pipeline.stages._turboquant import PAPER_MSE, KVConfig, apply_kv_cache, lloyd_max_codebook, mse_bound, quantize_mse, quantize_prod
 from pipeline.stages.base import Artifact
 from pipeline.stages.registry import get_stage
-from pipeline.turboquant import PAPER_MSE, KVConfig, apply_kv_cache, lloyd_max_codebook, mse_bound, quantize_mse, quantize_prod
 
 
 def unit_vectors(n, d, seed):

@@ -46,6 +46,7 @@ class Backend:
     formats: ClassVar[tuple[str, ...]]  # artifact formats it loads
     engine: ClassVar[str] = DEFAULT_ENGINE  # the `eval.engine` it serves
     gives_logprobs: ClassVar[bool] = True  # full next-token distributions (the KL table needs them)
+    libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions enter every result's key
 
     @classmethod
     def check_available(cls) -> None:

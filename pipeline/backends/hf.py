@@ -133,6 +133,7 @@ class _TorchBackend(Backend):
 class TransformersBackend(_TorchBackend):
     name = "transformers"
     formats = ("hf", "compressed-tensors")
+    libraries = ("torch", "transformers", "compressed-tensors")
 
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         model, how = _load_transformers(art, dtype)
@@ -143,6 +144,7 @@ class TransformersBackend(_TorchBackend):
 class GPTQModelBackend(_TorchBackend):
     name = "gptqmodel"
     formats = ("gptq", "awq")
+    libraries = ("torch", "transformers", "gptqmodel")
 
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         model, how = _load_gptqmodel(art)

@@ -175,6 +175,7 @@ class LlamaCppLM(TemplateLM):
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     formats = ("gguf",)
+    libraries = ("llama-cpp-python", "transformers")
 
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         from transformers import AutoTokenizer

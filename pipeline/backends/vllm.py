@@ -40,6 +40,7 @@ class VLLMBackend(Backend):
     formats = ("hf", "compressed-tensors", "gptq", "awq")
     engine = "vllm"
     gives_logprobs = False  # prompt logprobs are capped at a top-20: no KL on vLLM rows
+    libraries = ("vllm", "transformers")
 
     @classmethod
     def check_available(cls) -> None:

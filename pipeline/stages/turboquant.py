@@ -1,7 +1,7 @@
 """TurboQuant stage: KV-cache quantization (default) or weight-only quantization.
 
 It plugs in through the `quantpipe.stages` entry point like any third-party stage; the
-algorithm lives in pipeline/turboquant.py. In KV-cache mode the weights are untouched: the
+algorithm lives in pipeline/stages/_turboquant.py. In KV-cache mode the weights are untouched: the
 output artifact is the input checkpoint (hard-linked, so it costs no space) plus a *runtime
 patch* in its metadata, which the evaluator applies to the loaded model. That generic hook is
 how any stage can change how a model runs without the core knowing about it.
@@ -40,7 +40,7 @@ class TurboQuantParams(StageParams):
     ignore: list[str] = ["lm_head"]
 
     def kv_config(self):
-        from ..turboquant import PRESETS, KVConfig
+        from ._turboquant import PRESETS, KVConfig
 
         base = PRESETS[self.preset] if self.preset else KVConfig()
         fields = {k: v for k, v in self.model_dump().items() if k in KVConfig.__dataclass_fields__ and v is not None}
@@ -92,7 +92,7 @@ class TurboQuantStage(Stage):
         p: TurboQuantParams = self.params
         if p.target == "weights":
             return self._weights(inp, out_dir)
-        from ..turboquant import kv_config_dict
+        from ._turboquant import kv_config_dict
 
         cfg = p.kv_config()
         cfg_json = json.loads((Path(inp.path) / "config.json").read_text())
@@ -101,7 +101,7 @@ class TurboQuantStage(Stage):
         eff = cfg.effective_bits(head_dim, text["num_hidden_layers"])
         _link_tree(Path(inp.path), out_dir)
         patches = list(inp.meta.get("runtime_patches", [])) + [
-            {"entry": "pipeline.turboquant:apply_kv_cache", "config": kv_config_dict(cfg)}
+            {"entry": "pipeline.stages._turboquant:apply_kv_cache", "config": kv_config_dict(cfg)}
         ]
         label = f"KV k{cfg.key_bits}v{cfg.value_bits} {cfg.mode} ({eff:.2f} b/elt)"
         bits = f"{inp.bits or 'base weights'} + {label}"
@@ -123,7 +123,7 @@ class TurboQuantStage(Stage):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..turboquant import quantize_weight
+        from ._turboquant import quantize_weight
 
         p: TurboQuantParams = self.params
         model = AutoModelForCausalLM.from_pretrained(inp.path, dtype="auto", **trust())

@@ -212,7 +212,7 @@ def apply_kv_cache(model, config: dict) -> str:
 
     from transformers import DynamicCache
 
-    from .errors import QuantpipeError
+    from ..errors import QuantpipeError
 
     if problem := kv_cache_problem(model.config):
         raise QuantpipeError(problem)
