@@ -115,6 +115,25 @@ def _run_folder(target: Path, artifacts: Path) -> tuple[Path, object]:
     return target, None
 
 
+def _gate_config(settings: dict, max_drop: list[str] | None):
+    """The gate's settings with --max-drop BENCH=POINTS merged in, validated; one line if bad."""
+    from pydantic import ValidationError
+
+    from .recipe import GateConfig
+
+    for item in max_drop or []:
+        bench, _, value = item.partition("=")
+        try:
+            settings.setdefault("max_drop", {})[bench] = float(value)
+        except ValueError as e:
+            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'") from e
+    try:
+        return GateConfig.model_validate(settings)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise QuantpipeError(f"gate setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+
+
 def _gate(a) -> int:
     from .gate import evaluate_gate, junit_xml, summary
     from .recipe import GateConfig
@@ -144,19 +163,7 @@ def _gate(a) -> int:
         }.items()
         if v is not None
     }
-    for item in a.max_drop or []:
-        bench, _, value = item.partition("=")
-        try:
-            merged.setdefault("max_drop", {})[bench] = float(value)
-        except ValueError as e:
-            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'") from e
-    from pydantic import ValidationError
-
-    try:
-        cfg = GateConfig.model_validate(merged)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise QuantpipeError(f"gate setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+    cfg = _gate_config(merged, a.max_drop)
     if not cfg.has_thresholds():
         raise QuantpipeError("no thresholds: set gate: in the recipe or pass --max-drop / --max-avg-drop / --min-recovery / --max-kl")
     verdict = evaluate_gate(table, cfg)
@@ -172,18 +179,10 @@ def _gate(a) -> int:
 
 def _plan(a) -> int:
     from .planning import plan_report
-    from .recipe import GateConfig
     from .runner import run_local
 
     (job,) = _jobs(a)
-    gate = job.recipe.gate.model_dump() if job.recipe.gate else {}
-    for item in a.max_drop or []:
-        bench, _, value = item.partition("=")
-        try:
-            gate.setdefault("max_drop", {})[bench] = float(value)
-        except ValueError as e:
-            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'") from e
-    cfg = GateConfig.model_validate(gate)
+    cfg = _gate_config(job.recipe.gate.model_dump() if job.recipe.gate else {}, a.max_drop)
     if not cfg.max_drop:
         raise QuantpipeError("no margins: set gate.max_drop in the recipe or pass --max-drop BENCH=POINTS")
     if a.pilot:  # the first round of a random-order sequential run

@@ -188,3 +188,22 @@ def test_gate_reads_the_run_of_a_recipe_under_artifacts(tmp_path):
     assert "v / GSM8K" in r.stdout
     assert gate(recipe).returncode == 2  # ./artifacts has no such run
     assert run.is_dir()
+
+
+def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
+    from pipeline.planning import plan_report
+    from pipeline.recipe import GateConfig
+
+    closer = [0] * 6 + BASE[6:]  # a 3-point drop against a 5-point margin: harder to decide than no drop
+    run = make_run(tmp_path / "r", BASE, {"closer": closer, "noisy": [0] * 2 + [1] * 2 + BASE[4:]})
+    text = plan_report(run, GateConfig(max_drop={"default": 5}))
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| closer ") or line.startswith("| noisy ")
+    }
+    assert set(rows) == {"closer", "noisy"}
+    assert rows["closer"][0] == "GSM8K" and rows["closer"][2] == "200" and rows["closer"][3] == "+3.00"
+    fixed = {k: int(v[5]) for k, v in rows.items()}
+    assert fixed["closer"] > fixed["noisy"] > 0  # closer to the margin needs more items
+    assert "docs/statistics.md" in text
