@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import shutil
-import time
 import traceback
 from pathlib import Path
 
@@ -370,9 +369,3 @@ class Progress:
 
 def _duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
-
-
-def timed(fn, *args) -> tuple[object, float]:
-    t0 = time.time()
-    out = fn(*args)
-    return out, time.time() - t0
