@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def converters() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout  # -ww: full command lines
     return [line for line in out.splitlines() if "quantpipe_convert.py" in line]
 
 
