@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
@@ -45,31 +44,32 @@ class RoundStage(Stage):
 '''
 
 
-def test_third_party_stage_via_entry_point(tiny_model, data_dir, tmp_path):
-    src = tmp_path / "src"
-    (src / "qp_round_stage").mkdir(parents=True)
-    (src / "qp_round_stage" / "__init__.py").write_text(PLUGIN)
+def install_plugin(tmp_path, name: str, package: str, source: str, entry_points: str) -> dict:
+    """Install a throwaway distribution into its own folder; the environment that sees it."""
+    src = tmp_path / f"src-{name}"
+    (src / package).mkdir(parents=True)
+    (src / package / "__init__.py").write_text(source)
     (src / "pyproject.toml").write_text(
-        textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools>=68"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "qp-round-stage"
-        version = "0.0.1"
-        [project.entry-points."quantpipe.stages"]
-        round-bf16 = "qp_round_stage:RoundStage"
-        [tool.setuptools]
-        packages = ["qp_round_stage"]
-    """)
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "0.0.1"\n{entry_points}\n[tool.setuptools]\npackages = ["{package}"]\n'
     )
-    site = tmp_path / "site"
+    site = tmp_path / f"site-{name}"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
         check=True,
         capture_output=True,
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_third_party_stage_via_entry_point(tiny_model, data_dir, tmp_path):
+    env = install_plugin(
+        tmp_path,
+        "qp-round-stage",
+        "qp_round_stage",
+        PLUGIN,
+        '[project.entry-points."quantpipe.stages"]\nround-bf16 = "qp_round_stage:RoundStage"\n',
+    )
 
     stages = subprocess.run([sys.executable, "-m", "pipeline.cli", "stages"], env=env, capture_output=True, text=True)
     assert "round-bf16" in stages.stdout and "qp-round-stage" in stages.stdout
@@ -163,28 +163,11 @@ class HalfBackend(Backend):
 '''
 
 
-def _install(tmp_path, name: str, entry_points: str):
-    src = tmp_path / f"src-{name}"
-    (src / "qp_half").mkdir(parents=True)
-    (src / "qp_half" / "__init__.py").write_text(FORMAT_PLUGIN)
-    (src / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
-        f'[project]\nname = "{name}"\nversion = "0.0.1"\n{entry_points}\n[tool.setuptools]\npackages = ["qp_half"]\n'
-    )
-    site = tmp_path / f"site-{name}"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
-        check=True,
-        capture_output=True,
-    )
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-
-
 def test_third_party_backend_via_entry_point_evaluates_a_new_format(tiny_model, data_dir, tmp_path):
     stage_ep = '[project.entry-points."quantpipe.stages"]\nhalf-folder = "qp_half:HalfStage"\n'
     backend_ep = '[project.entry-points."quantpipe.backends"]\nhalf-backend = "qp_half:HalfBackend"\n'
-    with_backend = _install(tmp_path, "qp-half-both", stage_ep + backend_ep)
-    stage_only = _install(tmp_path, "qp-half-stage", stage_ep)
+    with_backend = install_plugin(tmp_path, "qp-half-both", "qp_half", FORMAT_PLUGIN, stage_ep + backend_ep)
+    stage_only = install_plugin(tmp_path, "qp-half-stage", "qp_half", FORMAT_PLUGIN, stage_ep)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         yaml.safe_dump(
