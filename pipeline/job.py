@@ -31,6 +31,14 @@ from .types import Artifact
 log = logging.getLogger("quantpipe")
 
 
+def built(step: Step, who: str) -> Artifact:
+    """The artifact a build step stored (verified), for `who` (a row or a step) that needs it."""
+    rec, why = store.verify(step.path, step.key)
+    if rec is None:
+        raise QuantpipeError(f"{who}: its artifact at {step.path} is not built ({why})")
+    return Artifact(rec.path, rec.meta["format"], rec.key, rec.meta.get("bits"), rec.meta.get("meta") or {})
+
+
 def _device(loaded: LoadedModel) -> str:
     """Where the row's evaluation allocates: the GPU for engines on CUDA, else this process's memory."""
     model = getattr(loaded.lm, "model", None)
@@ -203,12 +211,7 @@ class Job:
     def artifact(self, row: str) -> Artifact:
         """The row's model: the base, or the stored output of its chain's last stage."""
         step = self.plan().artifact_step(row)
-        if step is None:
-            return self.base
-        rec, why = store.verify(step.path, step.key)
-        if rec is None:
-            raise QuantpipeError(f"{row}: its artifact at {step.path} is not built ({why})")
-        return Artifact(rec.path, rec.meta["format"], rec.key, rec.meta.get("bits"), rec.meta.get("meta") or {})
+        return self.base if step is None else built(step, row)
 
     def run_step(self, step: Step, models: ModelSlot) -> bool:
         """Run one step (or reuse its stored result); True when it was reused."""
@@ -223,11 +226,7 @@ class Job:
     def _input_artifact(self, step: Step) -> Artifact:
         if not step.deps:
             return self.base
-        dep = next(s for s in self.plan().steps if s.id == step.deps[0])
-        rec, why = store.verify(dep.path, dep.key)
-        if rec is None:
-            raise QuantpipeError(f"{step.id}: its input {dep.path} is not built ({why})")
-        return Artifact(rec.path, rec.meta["format"], rec.key, rec.meta.get("bits"), rec.meta.get("meta") or {})
+        return built(next(s for s in self.plan().steps if s.id == step.deps[0]), step.id)
 
     def _build(self, step: Step) -> bool:
         stage = self.recipe.stages(step.row)[step.stage]
