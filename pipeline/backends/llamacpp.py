@@ -8,7 +8,8 @@ its matmuls, which moves answers as much as the weight error itself.
 
 Here: token ids go straight into llama.cpp (`Llama.eval`, all logits kept) and log-probs are
 read from `Llama.scores`. Tokenization is the HF tokenizer's, through the same TemplateLM
-code path as lm-eval's HF model, so every row scores the very same token sequences. Requests
+code path as lm-eval's HF model, so every row scores the very same token sequences; `load`
+first checks that it tokenizes as llama.cpp's own vocabulary of the file (tokenizer_check). Requests
 are sorted so that neighbours share prefixes, and the KV cache of the shared prefix is kept
 (the few-shot prefix of MMLU/GSM8K is computed once per subject, not once per item).
 """
@@ -180,7 +181,11 @@ class LlamaCppBackend(Backend):
     def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
         from transformers import AutoTokenizer
 
+        from ..tokenizer_check import check_gguf_tokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(art.path, **trust())
+        # the HF tokenizer's ids go straight into llama.cpp: they must be the ids llama.cpp would produce
+        check_gguf_tokenizer(art.path / "model.gguf", tokenizer, f"the HF tokenizer in {art.path}", file_key=art.key or None)
         lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
         how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)"
         import llama_cpp
