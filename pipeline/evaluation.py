@@ -93,6 +93,13 @@ class Evaluator:
     def __init__(self, recipe: Recipe, workdir: Path, allow_code_execution: bool, data_dir: Path | None = None):
         self.batch_size, self.tasks = resolve_tasks(recipe)
         self.engine = recipe.eval.engine
+        budget = recipe.eval.memory_budget_gib
+        self.memory_budget_gib = budget if self.batch_size == "auto" else None
+        if budget is not None and self.engine == "vllm":
+            raise QuantpipeError(
+                "eval.memory_budget_gib is not used by engine vllm (vLLM schedules its batches within its own "
+                "GPU memory share); drop it, batch_size: auto alone lets vLLM batch freely"
+            )
         if any(TASKS[t].runs_code for t in self.tasks) and not allow_code_execution:
             raise QuantpipeError(
                 "the eval suite includes HumanEval, which executes model-written code: pass "
@@ -175,16 +182,24 @@ class Evaluator:
         spec = self.tasks[task].model_dump()
         if selection is not None:  # explicit items replace the first-N limit
             spec = {**spec, "limit": None, "samples": selection}
+        # batch_size auto: the setting (and its budget) is keyed, not the batch it resolves to, which
+        # depends on the machine; the resolved batch is in the record's meta. A fixed batch size keeps
+        # exactly the keys it always had.
+        budget = {"memory_budget_gib": self.memory_budget_gib} if self.batch_size == "auto" else {}
         return {
             "task": task,
             **spec,
             "batch_size": self.batch_size,
+            **budget,
             "lm_eval": lm_eval.__version__,
             "seeds": SEEDS,
             "data": self.data_identity,
             "task_config": self.task_identity[task],
             "engine": self.engine,
         }
+
+    def memory_budget_bytes(self) -> int | None:
+        return None if self.memory_budget_gib is None else int(self.memory_budget_gib * 2**30)
 
     def run(self, loaded, task: str, selection: dict[str, list[int]] | None = None) -> tuple[dict, list[dict]]:
         """Evaluate `task` (its first-N items, or the `selection`: subtask -> item indices)."""

@@ -65,7 +65,10 @@ class ModelSlot:
             self.release()
             art = self.job.artifact(row)
             log.debug("%s: loading %s for evaluation", row, art.path)
-            self.loaded = load_model(art, self.job.recipe.model.dtype, self.job.evaluator.batch_size, self.job.recipe.eval.engine)
+            ev = self.job.evaluator
+            self.loaded = load_model(
+                art, self.job.recipe.model.dtype, ev.batch_size, self.job.recipe.eval.engine, memory_budget=ev.memory_budget_bytes()
+            )
             if remote_code.allowed():
                 self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
             self.row = row
@@ -264,6 +267,7 @@ class Job:
                 "items": step.items,
                 "peak_memory_bytes": peak.bytes,
                 "weights_bytes": loaded.weights_bytes,
+                "batch_size": loaded.batch_size,  # as evaluated: batch_size auto resolved
             }
 
         return store.cached(step.path, step.key, compute, step.id)[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import QuantpipeError, RecipeError
 from .stages.registry import get_stage
@@ -53,7 +53,18 @@ class TaskSpec(Strict):
 
 class EvalSpec(Strict):
     suite: str = Field("full", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a suite name under evals/suites")
-    batch_size: int | None = Field(None, gt=0, description="same for every row; defaults to the suite's")
+    batch_size: int | Literal["auto"] | None = Field(
+        None,
+        description="same for every row; defaults to the suite's. auto: the largest batch whose measured peak memory "
+        "fits memory_budget_gib (resolved per row when its model loads, recorded in each evaluation's record)",
+    )
+    memory_budget_gib: float | None = Field(
+        None,
+        gt=0,
+        le=1 << 20,
+        description="batch_size auto: peak resident memory of the evaluating process, weights included, GiB "
+        "(on a GPU: allocated GPU memory); default: what is resident plus 80% of what is available",
+    )
     data_dir: str | None = Field(None, description="local copies of the datasets (offline); relative to the recipe file")
     engine: Literal["default", "vllm"] = Field(
         "default", description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp)"
@@ -75,6 +86,24 @@ class EvalSpec(Strict):
         description="sequential rounds: each round's cumulative items grow by "
         "this factor (rounded up to whole chunks), so a row's model is loaded O(log n) times",
     )
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        # one message for every bad value (pydantic's would list each member of the union)
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)  # as the plain int field accepted before
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if v is None or v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"{v!r} is not a positive integer or 'auto'")
+
+    @model_validator(mode="after")
+    def _budget(self) -> EvalSpec:
+        if self.memory_budget_gib is not None and self.batch_size != "auto":
+            raise ValueError("memory_budget_gib applies only to batch_size: auto")
+        return self
 
 
 class TaskResources(Strict):

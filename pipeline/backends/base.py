@@ -32,6 +32,7 @@ class LoadedModel:
     engine: str
     backend: Backend
     weights_bytes: int | None = None  # the model's weights as loaded for evaluation (dequantized or not)
+    batch_size: int | str | None = None  # what it evaluates with: batch_size auto resolved (None: the backend does not say)
 
     def next_token_logprobs(self, ids: list[int], rows: int = 32) -> Iterator[np.ndarray] | np.ndarray:
         """float64 log-probs of the token after each position but the last, [<= rows, vocab] at a time
@@ -52,7 +53,9 @@ class Backend:
     def check_available(cls) -> None:
         """Raise QuantpipeError naming what is missing (run before any work)."""
 
-    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int) -> LoadedModel:
+        """batch_size is a positive int or "auto" (the largest that fits; a backend that sizes batches
+        by measurement also takes a keyword `memory_budget`, bytes, passed only when the recipe sets one)."""
         raise NotImplementedError
 
     def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int) -> Iterator[np.ndarray] | np.ndarray:
@@ -88,5 +91,8 @@ def backend_for(fmt: str, engine: str = DEFAULT_ENGINE) -> type[Backend]:
     )
 
 
-def load(art: Artifact, dtype: str, batch_size: int, engine: str = DEFAULT_ENGINE, max_length: int = 4096) -> LoadedModel:
-    return backend_for(art.format, engine)().load(art, dtype, batch_size, max_length)
+def load(
+    art: Artifact, dtype: str, batch_size: int | str, engine: str = DEFAULT_ENGINE, max_length: int = 4096, memory_budget: int | None = None
+) -> LoadedModel:
+    extra = {"memory_budget": memory_budget} if memory_budget is not None else {}  # plug-ins without it keep working
+    return backend_for(art.format, engine)().load(art, dtype, batch_size, max_length, **extra)

@@ -93,7 +93,7 @@ def apply_runtime_patches(model, meta: dict) -> list[str]:
     return notes
 
 
-def _lm(model, art: Artifact, batch_size: int, max_length: int):
+def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_budget: int | None = None):
     """lm-eval's HF model around a loaded torch model: stock HFLM for rows whose KV cache a
     runtime patch owns (TurboQuant), prefix-sharing otherwise (off for run-time activation
     quantization, see _dynamic_activations)."""
@@ -110,8 +110,21 @@ def _lm(model, art: Artifact, batch_size: int, max_length: int):
     # every path applies the LM head only where log-probs are read, in bounded chunks.
     share = not art.meta.get("runtime_patches") and not _dynamic_activations(art.path)
     return PrefixCachingHFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device="cpu", max_length=min(limit, max_length), share_prefixes=share
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device="cpu",
+        max_length=min(limit, max_length),
+        share_prefixes=share,
+        memory_budget=memory_budget,  # batch_size auto: measured against it (PrefixCachingHFLM)
     )
+
+
+def _loaded(lm, how: str, backend: Backend, model, batch_size: int | str, memory_budget: int | None) -> LoadedModel:
+    if batch_size == "auto":
+        within = f"{memory_budget / 2**30:.2f} GiB" if memory_budget else "what is resident plus 80% of available memory"
+        how += f"; batch size {lm.batch_size} (auto: measured to fit {within})"
+    return LoadedModel(lm, how, "transformers", backend, tensor_bytes(model), batch_size=lm.batch_size)
 
 
 def tensor_bytes(model) -> int:
@@ -135,10 +148,10 @@ class TransformersBackend(_TorchBackend):
     formats = ("hf", "compressed-tensors")
     libraries = ("torch", "transformers", "compressed-tensors")
 
-    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
         model, how = _load_transformers(art, dtype)
         how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self, tensor_bytes(model))
+        return _loaded(_lm(model, art, batch_size, max_length, memory_budget), how, self, model, batch_size, memory_budget)
 
 
 class GPTQModelBackend(_TorchBackend):
@@ -146,7 +159,7 @@ class GPTQModelBackend(_TorchBackend):
     formats = ("gptq", "awq")
     libraries = ("torch", "transformers", "gptqmodel")
 
-    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
         model, how = _load_gptqmodel(art)
         how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        return LoadedModel(_lm(model, art, batch_size, max_length), how, "transformers", self, tensor_bytes(model))
+        return _loaded(_lm(model, art, batch_size, max_length, memory_budget), how, self, model, batch_size, memory_budget)

@@ -178,7 +178,9 @@ class LlamaCppBackend(Backend):
     formats = ("gguf",)
     libraries = ("llama-cpp-python", "transformers")
 
-    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
+        # batch_size (a number or auto) does not apply: requests run one at a time, sharing the KV
+        # cache of their common prefix, so the record states 1. The memory budget is not enforced.
         from transformers import AutoTokenizer
 
         from ..tokenizer_check import check_gguf_tokenizer
@@ -190,7 +192,7 @@ class LlamaCppBackend(Backend):
         how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)"
         import llama_cpp
 
-        return LoadedModel(lm, how, "llama.cpp", self, int(llama_cpp.llama_model_size(lm.llm.model)))
+        return LoadedModel(lm, how, "llama.cpp", self, int(llama_cpp.llama_model_size(lm.llm.model)), batch_size=1)
 
     def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int):
         logits = loaded.lm.logits(ids)  # llama.cpp keeps them; only `rows` are made float64 at a time

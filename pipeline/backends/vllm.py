@@ -46,7 +46,9 @@ class VLLMBackend(Backend):
     def check_available(cls) -> None:
         gpu_name()
 
-    def load(self, art: Artifact, dtype: str, batch_size: int, max_length: int) -> LoadedModel:
+    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int) -> LoadedModel:
+        # batch_size auto is lm-eval's VLLM "auto": every request at once, vLLM's scheduler batching
+        # within its KV-cache memory (a memory budget is refused before any work, in Evaluator).
         from lm_eval.models.vllm_causallms import VLLM
 
         gpu = gpu_name()
@@ -72,4 +74,4 @@ class VLLMBackend(Backend):
         import vllm
 
         how = f"vLLM {vllm.__version__} on {gpu}" + "".join(f", {k} {v}" for k, v in options.items())
-        return LoadedModel(lm, how, "vllm", self)
+        return LoadedModel(lm, how, "vllm", self, batch_size=lm.batch_size)
