@@ -51,6 +51,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: gptq, bits: 'four'}]}\n": "variants.v[0].bits",
         "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: fp8}]}\ncalibration: {num_samples: 0}\n": "calibration.num_samples",
         "- just\n- a list\n": "expected a mapping",
+        "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: fp8}]}\neval: {batch_size: autox}\n": "'autox' is not a positive integer",
         "name: x\nmodel: {id: ./no/such/dir}\nvariants: {v: [{stage: fp8}]}\neval: {tasks: {humaneval: null}}\n": "no config.json",
     }
     for text, needle in cases.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import yaml
@@ -113,9 +114,49 @@ def test_recipe_overrides_suite_and_null_drops_task():
     assert tasks["gsm8k"].limit == 5 and tasks["gsm8k"].max_gen_toks == 16  # suite value kept
 
 
+def test_batch_size_is_a_positive_integer_or_auto_and_the_budget_needs_auto(tmp_path):
+    for value in (0, -4, "autox", True, 2.5, "eight"):
+        e = bad(lambda d, v=value: d["eval"].update(batch_size=v))
+        assert e.field == "eval.batch_size" and "not a positive integer or 'auto'" in str(e), (value, e)
+    e = bad(lambda d: d["eval"].update(batch_size=8, memory_budget_gib=2))
+    assert "memory_budget_gib applies only to batch_size: auto" in str(e)
+    assert bad(lambda d: d["eval"].update(batch_size="auto", memory_budget_gib=-1)).field == "eval.memory_budget_gib"
+    r = parse_recipe(copy.deepcopy(GOOD) | {"eval": {"suite": "smoke", "batch_size": "auto", "memory_budget_gib": 1.5}})
+    assert resolve_tasks(r)[0] == "auto" and r.eval.memory_budget_gib == 1.5
+    assert parse_recipe(copy.deepcopy(GOOD) | {"eval": {"suite": "smoke", "batch_size": "3"}}).eval.batch_size == 3  # as before
+
+
+def test_fixed_batch_size_keeps_its_settings_and_auto_keys_its_budget(tmp_path):
+    """The evaluation key's settings: a fixed batch size has exactly the fields it always had (stored
+    results stay valid); auto adds its budget, so another budget is another key."""
+    from pipeline.evaluation import Evaluator
+
+    def settings(**ev):
+        r = parse_recipe(copy.deepcopy(GOOD) | {"eval": {"suite": "smoke", "tasks": {"humaneval": None}, **ev}})
+        return Evaluator(r, tmp_path / str(len(list(tmp_path.iterdir()))), False).settings("gsm8k")
+
+    fixed = settings(batch_size=8)
+    assert set(fixed) == {"task", "limit", "samples", "num_fewshot", "max_gen_toks", "batch_size", "lm_eval", "seeds", "data"}.union(
+        {"task_config", "engine"}
+    )
+    assert fixed["batch_size"] == 8 and settings()["batch_size"] == 4  # the smoke suite's
+    auto, one, two = (
+        settings(batch_size="auto"),
+        settings(batch_size="auto", memory_budget_gib=1),
+        settings(batch_size="auto", memory_budget_gib=2),
+    )
+    assert auto["batch_size"] == "auto" and auto["memory_budget_gib"] is None and one["memory_budget_gib"] == 1
+    assert len({json.dumps(x, sort_keys=True) for x in (fixed, auto, one, two)}) == 4
+    with pytest.raises(QuantpipeError, match="memory_budget_gib is not used by engine vllm"):
+        settings(batch_size="auto", memory_budget_gib=1, engine="vllm")
+
+
 def test_model_checks(tiny_model, tmp_path):
     with pytest.raises(QuantpipeError, match="no config.json"):
         resolve_model(str(tmp_path / "missing-model"), offline=True)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # a GGUF base would need transformers' tokenizer conversion
+    with pytest.raises(QuantpipeError, match="is a GGUF, not an HF checkpoint folder"):
+        resolve_model(str(tmp_path / "m.gguf"), offline=True)
     (tmp_path / "notok").mkdir()
     for f in ("config.json", "model.safetensors"):
         (tmp_path / "notok" / f).write_bytes((tiny_model / f).read_bytes())
