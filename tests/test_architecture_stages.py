@@ -196,8 +196,8 @@ def test_refused_before_any_work_naming_architecture_and_reason(family, stage, z
 
 
 def test_validate_refuses_with_one_line(zoo, tmp_path, data_dir):
-    """Through the CLI (`validate` checks what `run` checks): exit 2, one line, nothing built."""
-    for family, needle in (("phi3", PHI3_VOCAB), ("mistral", MISTRAL_WINDOW)):
+    """Through the CLI (`validate` checks what `run` checks): exit 2, one line (one case: each CLI run costs 15 s)."""
+    for family, needle in (("mistral", MISTRAL_WINDOW),):
         r = tmp_path / "r.yaml"
         r.write_text(
             yaml.safe_dump(
