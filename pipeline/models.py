@@ -147,8 +147,12 @@ def model_info(path: Path | str) -> ModelInfo:
         cfg = AutoConfig.from_pretrained(path, **trust())
     except Exception as e:  # noqa: BLE001
         raise QuantpipeError(f"cannot read the model config of '{path}': {e}") from e
+    architecture = (getattr(cfg, "architectures", None) or [cfg.model_type])[0]
     cfg = getattr(cfg, "text_config", cfg)
     heads = cfg.num_attention_heads
+    layer_types = tuple(getattr(cfg, "layer_types", None) or ())
+    # Qwen2 keeps a sliding_window value with use_sliding_window false; layer_types, where listed, decide
+    windowed = "sliding_attention" in layer_types if layer_types else getattr(cfg, "use_sliding_window", True)
     return ModelInfo(
         hidden_size=cfg.hidden_size,
         intermediate_size=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
@@ -156,7 +160,22 @@ def model_info(path: Path | str) -> ModelInfo:
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
         model_type=cfg.model_type,
+        num_heads=heads,
+        architecture=architecture,
+        layer_types=layer_types,
+        sliding_window=(getattr(cfg, "sliding_window", None) or None) if windowed else None,
+        tokenizer=_tokenizer_kind(Path(path)),
+        config=cfg.to_dict(),
     )
+
+
+def _tokenizer_kind(folder: Path) -> str:
+    if (folder / "tokenizer.model").is_file():
+        return "sentencepiece"
+    try:
+        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class") or ""
+    except (OSError, ValueError):  # a hub id, or no tokenizer_config.json: unknown
+        return ""
 
 
 def fingerprint(path: Path | str) -> str:

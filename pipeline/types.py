@@ -28,7 +28,7 @@ class Artifact:
 
 @dataclass
 class ModelInfo:
-    """What stages may check before any work starts (from the base model's config)."""
+    """What stages may check before any work starts (from the base model's config and tokenizer files)."""
 
     hidden_size: int
     intermediate_size: int
@@ -36,3 +36,21 @@ class ModelInfo:
     num_kv_heads: int
     head_dim: int
     model_type: str
+    num_heads: int = 0
+    architecture: str = ""  # config.architectures[0], e.g. "Phi3ForCausalLM"; the model_type when absent
+    layer_types: tuple[str, ...] = ()  # per layer, when the config lists them: "full_attention", "sliding_attention", ...
+    sliding_window: int | None = None  # tokens seen by a windowed layer; None when no layer is windowed
+    tokenizer: str = ""  # "sentencepiece" (a tokenizer.model file), else tokenizer_config.json's tokenizer_class; "" unknown
+    config: dict[str, Any] = field(default_factory=dict)  # the (text) config, for family-specific checks
+
+    @property
+    def attention_width(self) -> int:
+        """Input width of the attention output projection (num_heads x head_dim; not always hidden_size)."""
+        return self.num_heads * self.head_dim
+
+    def input_widths(self) -> list[tuple[str, int]]:
+        """The input widths of the model's linear layers: what a group or block size must divide."""
+        widths = [("hidden_size", self.hidden_size), ("intermediate_size", self.intermediate_size)]
+        if self.num_heads and self.attention_width != self.hidden_size:  # o_proj reads num_heads x head_dim
+            widths.append(("attention width (num_heads x head_dim)", self.attention_width))
+        return widths

@@ -49,10 +49,12 @@ SMALL = dict(
 )
 
 
-def config(family: str, vocab: int = 1024, window: int = WINDOW):
+def config(family: str, vocab: int = 1024, window: int = WINDOW, **sizes):
+    """`sizes` overrides SMALL's widths (tests/test_architecture_stages.py needs multiples of 256)."""
+    small = {**SMALL, **sizes}
     if family == "llama3":
         return LlamaConfig(
-            **SMALL,
+            **small,
             vocab_size=vocab,
             rope_parameters={
                 "rope_type": "llama3",
@@ -64,10 +66,10 @@ def config(family: str, vocab: int = 1024, window: int = WINDOW):
             },
         )
     if family == "qwen2":  # q/k/v projections carry biases
-        return Qwen2Config(**SMALL, vocab_size=vocab, tie_word_embeddings=True)
+        return Qwen2Config(**small, vocab_size=vocab, tie_word_embeddings=True)
     if family == "gemma3":
         return Gemma3TextConfig(
-            **{**SMALL, "num_attention_heads": 2, "num_key_value_heads": 1},
+            **{**small, "num_attention_heads": 2, "num_key_value_heads": 1},
             vocab_size=vocab,
             head_dim=256,
             query_pre_attn_scalar=48,
@@ -76,9 +78,9 @@ def config(family: str, vocab: int = 1024, window: int = WINDOW):
             final_logit_softcapping=30.0,
         )
     if family == "mistral":
-        return MistralConfig(**SMALL, vocab_size=vocab, sliding_window=window)
+        return MistralConfig(**small, vocab_size=vocab, sliding_window=window)
     if family == "phi3":  # qkv_proj and gate_up_proj are fused
-        return Phi3Config(**SMALL, vocab_size=vocab)
+        return Phi3Config(**small, vocab_size=vocab)
     raise ValueError(family)
 
 

@@ -108,7 +108,8 @@ def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_bud
     # Stock lm-eval batches (no prefix sharing) where a runtime patch owns the KV cache (TurboQuant:
     # its cache cannot be reused) or activations are quantized at run time (see _dynamic_activations);
     # every path applies the LM head only where log-probs are read, in bounded chunks.
-    share = not art.meta.get("runtime_patches") and not _dynamic_activations(art.path)
+    # Likewise below float32 (GPTQModel's kernels run in bfloat16): another summation order moves scores by 1/8 nat.
+    share = not art.meta.get("runtime_patches") and not _dynamic_activations(art.path) and model.dtype == torch.float32
     return PrefixCachingHFLM(
         pretrained=model,
         tokenizer=tokenizer,

@@ -24,11 +24,23 @@ def check_group_size(p: WeightOnlyParams, model: ModelInfo) -> None:
         return
     if p.group_size <= 0:
         raise ValueError(f"group_size must be positive or -1, got {p.group_size}")
-    for what, width in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size)):
+    for what, width in model.input_widths():
         if width % p.group_size:
             raise ValueError(
                 f"group_size {p.group_size} does not divide the model's {what} ({width}); use a divisor of {width} or -1 (per channel)"
             )
+
+
+def check_gptqmodel_config(model: ModelInfo) -> None:
+    """GPTQModel rewrites a config's rope_parameters as one flat dict before saving; a config with
+    one RoPE per layer type (Gemma-3: sliding and global layers) then fails transformers' validation
+    ('str' object has no attribute 'get') after the whole quantization has run."""
+    rope = model.config.get("rope_parameters")
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(
+            f"backend 'gptqmodel' cannot save {model.architecture}: its config has one RoPE per layer type "
+            f"({', '.join(sorted(rope))}), which GPTQModel flattens into an invalid config; use backend 'llmcompressor'"
+        )
 
 
 def int_weight_scheme(p: WeightOnlyParams, symmetric: bool, actorder: str | None = None) -> dict:

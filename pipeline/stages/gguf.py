@@ -82,6 +82,37 @@ def tensor_report(path: Path) -> dict:
     }
 
 
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's Gemma-3 graph: every 6th layer global, the others sliding (not read from the GGUF)
+
+
+def llamacpp_mismatch(model: ModelInfo) -> str | None:
+    """Why llama.cpp would run this model differently from transformers, or None. Each case was
+    measured on a tiny model of the family (tests/test_architecture_stages.py): log-likelihoods
+    1-5 nats off the HF model's where the converted model is otherwise within 0.01."""
+    cfg = model.config
+    if model.model_type in ("gemma3", "gemma3_text"):
+        want = tuple("full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention" for i in range(model.num_layers))
+        if model.layer_types and model.layer_types != want:
+            return (
+                f"llama.cpp fixes Gemma-3's layer pattern at {GEMMA3_SWA_PATTERN - 1} sliding-window layers then one global layer "
+                f"and ignores layer_types ({', '.join(model.layer_types)})"
+            )
+        scalar = cfg.get("query_pre_attn_scalar")
+        # llama.cpp scales queries by 1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 62-layer 27B, and never reads the scalar
+        allowed = {model.head_dim} | ({model.hidden_size // model.num_heads} if model.num_layers == 62 else set())
+        if scalar is not None and scalar not in allowed:
+            return f"llama.cpp ignores query_pre_attn_scalar ({scalar}) and scales queries by 1/sqrt(head_dim {model.head_dim})"
+        return None
+    if model.sliding_window:  # mistral: the converter drops the window; phi3: it writes it, llama.cpp still scores 3 nats off
+        return f"llama.cpp does not reproduce its {model.sliding_window}-token sliding window, so its scores would not be this model's"
+    if model.model_type == "phi3" and model.tokenizer not in ("sentencepiece", "GPT2Tokenizer", ""):
+        return (
+            "llama.cpp's converter reads a phi3 vocabulary from tokenizer.model (SentencePiece) or, with tokenizer_class "
+            f"GPT2Tokenizer (Phi-4), from tokenizer.json; this model has neither (tokenizer_class {model.tokenizer})"
+        )
+    return None
+
+
 class GGUFStage(Stage):
     name = "gguf"
     Params = GGUFParams
@@ -92,6 +123,8 @@ class GGUFStage(Stage):
             import llama_cpp  # noqa: F401
         except ImportError:
             raise ValueError("the gguf stage needs llama-cpp-python (pip install -e '.[gguf]', see README)") from None
+        if why := llamacpp_mismatch(model):
+            raise ValueError(f"{model.architecture} cannot be converted to GGUF faithfully: {why}")
 
     def output_format(self, input_format: str = "hf") -> str:
         return "gguf"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._llmcompressor import oneshot_to_compressed_tensors
-from ._weight_only import WeightOnlyParams, check_group_size, gptqmodel_quantize, int_weight_scheme
+from ._weight_only import WeightOnlyParams, check_gptqmodel_config, check_group_size, gptqmodel_quantize, int_weight_scheme
 from .base import Artifact, ModelInfo, Stage, StageContext
 
 
@@ -26,6 +26,8 @@ class GPTQStage(Stage):
 
     def check(self, model: ModelInfo) -> None:
         check_group_size(self.params, model)
+        if self.params.backend == "gptqmodel":
+            check_gptqmodel_config(model)
 
     def uses_calibration(self) -> bool:
         return True

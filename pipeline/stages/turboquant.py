@@ -77,7 +77,7 @@ class TurboQuantStage(Stage):
     def check(self, model: ModelInfo) -> None:
         p: TurboQuantParams = self.params
         if p.target == "weights":
-            for what, width in (("hidden_size", model.hidden_size), ("intermediate_size", model.intermediate_size)):
+            for what, width in model.input_widths():
                 if width % p.block_size:
                     raise ValueError(f"block_size {p.block_size} does not divide the model's {what} ({width})")
             return
