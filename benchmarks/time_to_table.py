@@ -12,7 +12,15 @@
 
 Prints both wall times, their ratio, whether every score is identical, and a floor: the forward
 FLOPs of the distinct tokens all rows need (requests deduplicated on shared prefixes, plus the
-generated tokens) over this machine's measured float32 matmul rate.
+generated tokens) over this machine's measured float32 matmul rate; and per row: seconds in each
+route (quantpipe: its evaluation records' own seconds, model loads and the KL table excluded),
+the ratio to stock and to that row's floor.
+
+The fp8 row is evaluated batch-invariantly by quantpipe (docs/performance.md), so its scores are
+not stock's batch-dependent ones: they must equal, request for request, stock HFLM at batch size
+1 on the same batch-invariant model. That check runs on the --quick subsets (the first items of
+the full ones) in both modes: about a minute at batch size 1, where the full subsets would add
+some 20 minutes.
 """
 
 from __future__ import annotations
@@ -130,7 +138,7 @@ def run_stock(rows: dict[str, tuple[Path, str]], task_dir: Path, subsets: dict, 
         "HF_DATASETS_CACHE": str(work / "stock-datasets-cache"),
     }
     samples = json.dumps(stock_samples(task_dir, subsets))
-    results, total = {}, 0.0
+    results, total, seconds = {}, 0.0, {}
     for row, (path, dtype) in rows.items():
         out = work / "stock" / row
         shutil.rmtree(out, ignore_errors=True)
@@ -166,9 +174,10 @@ def run_stock(rows: dict[str, tuple[Path, str]], task_dir: Path, subsets: dict, 
         if r.returncode:
             sys.exit(f"lm-eval failed on {row}:\n{r.stderr[-3000:]}")
         total += dt
+        seconds[row] = dt
         log(f"stock {row}: {dt:.0f} s")
         results[row] = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
-    return total, results
+    return total, results, seconds
 
 
 def quantpipe_results(run_root: Path, rows) -> dict:
@@ -181,14 +190,62 @@ def quantpipe_results(run_root: Path, rows) -> dict:
     return out
 
 
+def row_seconds(run_root: Path, row: str) -> float:
+    """The row's evaluation time as its records measured it (model loads and KL excluded)."""
+    return sum(json.loads(f.read_text())["meta"].get("seconds", 0.0) for f in (run_root / row / "eval").glob("*/manifest.json"))
+
+
+def fp8_at_batch_size_1(run_root: Path, task_dir: Path, work: Path) -> tuple[int, int]:
+    """(requests compared, requests whose responses differ) between quantpipe's stored fp8 samples
+    and stock HFLM at batch size 1 on the same batch-invariant model, over the QUICK items."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from pipeline.backends import load
+    from pipeline.types import Artifact
+
+    art_dir = next((run_root / "fp8" / "stages").iterdir())
+    lm = load(Artifact(art_dir, "compressed-tensors", key="fp8"), "auto", BATCH_SIZE, max_length=4096).lm
+    hf1 = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, device="cpu", max_length=4096)
+    samples = stock_samples(task_dir, QUICK)
+    r = simple_evaluate(
+        model=hf1,
+        tasks=list(QUICK),
+        task_manager=TaskManager(include_path=str(task_dir)),
+        samples=samples,
+        log_samples=True,
+        gen_kwargs=f"max_gen_toks={MAX_GEN_TOKS}",
+        random_seed=0,
+        numpy_random_seed=1234,
+        torch_random_seed=1234,
+        fewshot_random_seed=1234,
+        confirm_run_unsafe_code=True,
+    )
+    ours = {}
+    for f in (run_root / "fp8" / "eval").glob("*/samples.jsonl"):
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            ours[(s["task"], s["doc_id"])] = s["resps"]
+    n = differ = 0
+    for task, recs in r["samples"].items():
+        for s in recs:
+            n += len(s["resps"])
+            mine = ours.get((task, s["doc_id"]))
+            differ += len(s["resps"]) if mine is None else sum(a != b for a, b in zip(json.loads(json.dumps(s["resps"])), mine))
+    return n, differ
+
+
 def compare(stock: dict, ours: dict) -> tuple[int, int, float, list[str]]:
-    """(scores compared, scores bit-identical, max |difference|, report lines)."""
+    """(scores compared, scores bit-identical, max |difference|, report lines); the fp8 row is
+    reported but not counted (its scores are batch-invariant ones, checked at batch size 1)."""
     lines, worst, n, exact = [], 0.0, 0, 0
     for row in ours:
         keys = [(t, m) for t, m in METRICS if t in ours[row]]
         keys += [(t, "acc,none") for t in sorted(ours[row]) if t.startswith("mmlu_") and "acc,none" in ours[row][t]]
         diffs = [abs(float(stock[row][t][m]) - float(ours[row][t][m])) for t, m in keys]
-        n, exact, worst = n + len(diffs), exact + diffs.count(0.0), max(worst, *diffs)
+        if row != "fp8":
+            n, exact, worst = n + len(diffs), exact + diffs.count(0.0), max(worst, *diffs)
         heads = " ".join(f"{t}={float(ours[row][t][m]):.4f}" for t, m in METRICS if t in ours[row])
         lines.append(f"  {row:10s} {len(keys)} scores, max |stock - quantpipe| = {max(diffs):.1e}  ({heads})")
     return n, exact, worst, lines
@@ -211,58 +268,69 @@ def matmul_rate(seconds: float = 3.0) -> float:
     return n * 2 * 512 * 576 * 1536 / (time.time() - t0)
 
 
-def distinct_tokens(run_root: Path, rows, tokenizer) -> tuple[int, int, int]:
-    """(positions, sum of positions' context lengths, generated tokens) over all rows, where a
+def distinct_tokens(run_root: Path, row: str, tokenizer) -> tuple[int, int, int]:
+    """(positions, sum of positions' context lengths, generated tokens) of one row, where a
     position is a node of the trie of every request's token sequence in that row: a prefix
     shared by many requests is counted once, as a perfect prefix cache would compute it."""
     nodes = attn = gen = 0
-    for row in rows:
-        trie: dict = {}
-        seen = set()
-        for f in sorted((run_root / row / "eval").glob("*/samples.jsonl")):
-            for line in f.read_text().splitlines():
-                s = json.loads(line)
-                if (s["task"], s["doc_id"]) in seen:  # one record per filter
-                    continue
-                seen.add((s["task"], s["doc_id"]))
-                for args, resp in zip(s["arguments"], s["resps"]):
-                    if isinstance(args[1], str):  # log-likelihood: context + continuation
-                        seqs = [tokenizer(args[0] + args[1]).input_ids[:-1]]
-                    else:  # generation: the prompt, then each generated token
-                        prompt = tokenizer(args[0]).input_ids
-                        out = tokenizer(resp[0], add_special_tokens=False).input_ids
-                        gen += len(out)
-                        attn += sum(len(prompt) + i for i in range(len(out)))
-                        seqs = [prompt]
-                    for seq in seqs:
-                        node = trie
-                        for depth, tok in enumerate(seq):
-                            if tok not in node:
-                                node[tok] = {}
-                                nodes += 1
-                                attn += depth
-                            node = node[tok]
+    trie: dict = {}
+    seen = set()
+    for f in sorted((run_root / row / "eval").glob("*/samples.jsonl")):
+        for line in f.read_text().splitlines():
+            s = json.loads(line)
+            if (s["task"], s["doc_id"]) in seen:  # one record per filter
+                continue
+            seen.add((s["task"], s["doc_id"]))
+            for args, resp in zip(s["arguments"], s["resps"]):
+                if isinstance(args[1], str):  # log-likelihood: context + continuation
+                    seqs = [tokenizer(args[0] + args[1]).input_ids[:-1]]
+                else:  # generation: the prompt, then each generated token
+                    prompt = tokenizer(args[0]).input_ids
+                    out = tokenizer(resp[0], add_special_tokens=False).input_ids
+                    gen += len(out)
+                    attn += sum(len(prompt) + i for i in range(len(out)))
+                    seqs = [prompt]
+                for seq in seqs:
+                    node = trie
+                    for depth, tok in enumerate(seq):
+                        if tok not in node:
+                            node[tok] = {}
+                            nodes += 1
+                            attn += depth
+                        node = node[tok]
     return nodes, attn, gen
 
 
-def floor_seconds(run_root: Path, rows, model_dir: Path) -> tuple[float, dict]:
+def floor_seconds(run_root: Path, rows, model_dir: Path) -> tuple[float, dict, dict[str, float]]:
+    """(floor of all rows, its detail, floor per row): float32 FLOPs at the measured rate (the fp8
+    row's float64 work is counted at the float32 rate: the floor is what the model's arithmetic
+    needs, not what a kernel choice costs)."""
     from transformers import AutoConfig, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    nodes, attn_ctx, gen = distinct_tokens(run_root, rows, tok)
     d, L, f = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
     per_token = 2 * (L * (2 * d * d + 2 * d * kv + 3 * d * f) + d * cfg.vocab_size)  # matmul weights incl. LM head
-    flops = (nodes + gen) * per_token + 4 * L * d * attn_ctx  # + QK^T and AV over each position's context
     rate = matmul_rate()
-    return flops / rate, {
-        "distinct_positions": nodes,
-        "generated_tokens": gen,
-        "flops": flops,
-        "matmul_gflops": rate / 1e9,
-        "flops_per_token": per_token,
-    }
+    nodes = gen = flops = 0
+    per_row = {}
+    for row in rows:
+        n, attn_ctx, g = distinct_tokens(run_root, row, tok)
+        row_flops = (n + g) * per_token + 4 * L * d * attn_ctx  # + QK^T and AV over each position's context
+        per_row[row] = row_flops / rate
+        nodes, gen, flops = nodes + n, gen + g, flops + row_flops
+    return (
+        flops / rate,
+        {
+            "distinct_positions": nodes,
+            "generated_tokens": gen,
+            "flops": flops,
+            "matmul_gflops": rate / 1e9,
+            "flops_per_token": per_token,
+        },
+        per_row,
+    )
 
 
 def main() -> int:
@@ -296,7 +364,7 @@ def main() -> int:
     task_dir = stock_task_dir(task_dir, {t: s.num_fewshot for t, s in specs.items() if s.num_fewshot is not None}, work)
 
     log(f"(a) stock route: lm-eval CLI x {len(rows)} rows")
-    t_stock, stock = run_stock(rows, task_dir, subsets, work)
+    t_stock, stock, stock_row_s = run_stock(rows, task_dir, subsets, work)
 
     log("(b) quantpipe run (stage outputs reused, every evaluation redone)")
     run_root = arts / "time-to-table"
@@ -313,7 +381,21 @@ def main() -> int:
     # Accuracy-type scores are counts over items: equal or not. TruthfulQA MC2 is a mean of
     # probabilities, where summation order shows in the 8th digit; the table prints 3 digits.
     same = worst < 1e-6
-    floor, detail = floor_seconds(run_root, rows, base_dir)
+    floor, detail, row_floor = floor_seconds(run_root, rows, base_dir)
+    per_row = {
+        row: {
+            "stock_s": round(stock_row_s[row], 1),
+            "quantpipe_s": round(row_seconds(run_root, row), 1),
+            "floor_s": round(row_floor[row], 1),
+        }
+        for row in rows
+    }
+    for r in per_row.values():
+        r["vs_stock"] = round(r["stock_s"] / max(r["quantpipe_s"], 1e-9), 2)
+        r["vs_floor"] = round(r["quantpipe_s"] / max(r["floor_s"], 1e-9), 2)
+    log("fp8 row against stock HFLM at batch size 1 on the same batch-invariant model (QUICK items)")
+    fp8_n, fp8_differ = fp8_at_batch_size_1(run_root, task_dir, work) if "fp8" in rows else (0, 0)
+    same = same and fp8_differ == 0
     result = {
         "subsets": subsets,
         "rows": list(rows),
@@ -325,6 +407,9 @@ def main() -> int:
         "bit_identical": exact,
         "max_abs_diff": worst,
         "floor_s": round(floor, 1),
+        "per_row": per_row,
+        "fp8_bs1_requests": fp8_n,
+        "fp8_bs1_differ": fp8_differ,
         **detail,
         "threads": __import__("torch").get_num_threads(),
     }
@@ -338,7 +423,13 @@ def main() -> int:
         f"tokens = {detail['flops'] / 1e12:.2f} TFLOP at {detail['matmul_gflops']:.0f} GFLOP/s matmul "
         f"= {floor:.1f} s"
     )
-    print(f"scores: {'identical' if same else 'NOT identical'}: {exact} of {n} bit-identical, max |difference| {worst:.1e}")
+    print("per row: seconds stock / quantpipe (its evaluations), stock / quantpipe, quantpipe / floor")
+    for row, r in per_row.items():
+        times = f"{r['stock_s']:7.1f} / {r['quantpipe_s']:7.1f} s"
+        print(f"  {row:10s} {times}   {r['vs_stock']:5.2f}x   {r['vs_floor']:5.2f}x of {r['floor_s']:.1f} s")
+    print(f"scores (fp8 row apart): {exact} of {n} bit-identical, max |difference| {worst:.1e}")
+    print(f"fp8 row vs stock HFLM at batch size 1 on the same model: {fp8_differ} of {fp8_n} requests differ")
+    print(f"{'identical' if same else 'NOT identical'}")
     print("\n".join(lines))
     return 0 if same else 1
 

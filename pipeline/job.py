@@ -126,9 +126,12 @@ class Job:
     def rows(self) -> list[str]:
         return ["base", *self.variants]
 
+    def _stages(self, row: str) -> list:
+        return [] if row == "base" else self.recipe.stages(row)
+
     def _row_format(self, row: str) -> str:
         fmt = "hf"
-        for stage in [] if row == "base" else self.recipe.stages(row):
+        for stage in self._stages(row):
             fmt = stage.output_format(fmt)
         return fmt
 
@@ -178,6 +181,8 @@ class Job:
             deps = (art_step.id,) if art_step else ()
             backend = backend_for(self._row_format(row), self.recipe.eval.engine)
             versions = store.lib_versions(backend.libraries)  # a new torch or llama.cpp re-evaluates
+            if backend.activation_kernel and any(s.quantizes_activations() for s in self._stages(row)):
+                versions = {**versions, "activation_kernel": backend.activation_kernel}  # e.g. FP8 rows evaluated batch-invariantly
             for task in ev.tasks:
                 chunks = self._chunks(task)
                 ends = round_ends(len(chunks), self.recipe.eval.round_growth)

@@ -285,10 +285,11 @@ def test_turboquant_kv_is_refused_for_recurrent_layers():
         apply_kv_cache(model, KVConfig().__dict__)
 
 
-@pytest.mark.parametrize("stage,params", [("fp8", {"scheme": "FP8_DYNAMIC"}), ("turboquant", {"preset": "turboquant_k3v4_nc"})])
+@pytest.mark.parametrize("stage,params", [("turboquant", {"preset": "turboquant_k3v4_nc"})])
 def test_loaded_rows_with_stock_batches_score_as_stock_hflm(stage, params, tiny_model, tok, tmp_path):
-    """load_for_eval gives FP8-dynamic rows and TurboQuant KV rows PrefixCachingHFLM without prefix
-    sharing; their log-likelihoods are stock HFLM's on the same checkpoint (and patch), bit for bit."""
+    """load_for_eval gives TurboQuant KV rows PrefixCachingHFLM without prefix sharing; their
+    log-likelihoods are stock HFLM's on the same checkpoint and patch, bit for bit. (FP8-dynamic
+    rows share prefixes, batch-invariantly: tests/test_batch_invariant.py.)"""
     from pipeline.backends import load as load_for_eval
     from pipeline.backends.hf import apply_runtime_patches
     from pipeline.stages.base import Artifact, StageContext

@@ -233,7 +233,7 @@ def test_gqa_attention_in_place_is_bit_identical_to_sdpa(tiny_model):
 
 def test_rows_with_run_time_activation_quantization_keep_stock_log_likelihoods(tmp_path):
     """FP8-dynamic activations round to 8 bits at run time: a different summation order can move a
-    value across a rounding boundary, so those rows are not prefix-shared."""
+    value across a rounding boundary, so those rows are recognised and evaluated batch-invariantly."""
     import json
 
     from pipeline.backends.hf import _dynamic_activations

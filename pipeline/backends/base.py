@@ -48,6 +48,9 @@ class Backend:
     engine: ClassVar[str] = DEFAULT_ENGINE  # the `eval.engine` it serves
     gives_logprobs: ClassVar[bool] = True  # full next-token distributions (the KL table needs them)
     libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions enter every result's key
+    # How it computes rows whose stages quantize activations at run time (Stage.quantizes_activations),
+    # when that differs from stock: enters those rows' result keys only.
+    activation_kernel: ClassVar[str | None] = None
 
     @classmethod
     def check_available(cls) -> None:

@@ -32,7 +32,8 @@ def _quant_summary(path: Path) -> str:
 
 def _dynamic_activations(path: Path) -> bool:
     """Activations quantized at run time (FP8_DYNAMIC, W8A8): an 8-bit rounding step turns the
-    float noise of another summation order into visible changes, so such rows skip prefix reuse."""
+    float noise of another summation order into visible changes, so such rows are evaluated
+    batch-invariantly (batch_invariant.py), or with stock batches where that cannot be done."""
     cfg = json.loads((path / "config.json").read_text())
     groups = (cfg.get("quantization_config") or {}).get("config_groups") or {}
     return any((g or {}).get("input_activations") for g in groups.values())
@@ -93,10 +94,10 @@ def apply_runtime_patches(model, meta: dict) -> list[str]:
     return notes
 
 
-def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_budget: int | None = None):
-    """lm-eval's HF model around a loaded torch model: stock HFLM for rows whose KV cache a
-    runtime patch owns (TurboQuant), prefix-sharing otherwise (off for run-time activation
-    quantization, see _dynamic_activations)."""
+def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_budget: int | None = None, share: bool = True):
+    """lm-eval's HF model around a loaded torch model: stock batches for rows whose KV cache a
+    runtime patch owns (TurboQuant), whose activation quantization is batch-dependent
+    (share=False) or that run below float32, prefix-sharing otherwise."""
     import torch
     from transformers import AutoTokenizer
 
@@ -106,10 +107,9 @@ def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_bud
     torch.manual_seed(SEEDS["torch_random_seed"])
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
     # Stock lm-eval batches (no prefix sharing) where a runtime patch owns the KV cache (TurboQuant:
-    # its cache cannot be reused) or activations are quantized at run time (see _dynamic_activations);
-    # every path applies the LM head only where log-probs are read, in bounded chunks.
-    # Likewise below float32 (GPTQModel's kernels run in bfloat16): another summation order moves scores by 1/8 nat.
-    share = not art.meta.get("runtime_patches") and not _dynamic_activations(art.path) and model.dtype == torch.float32
+    # its cache cannot be reused) or below float32 (GPTQModel's kernels run in bfloat16: another
+    # summation order moves scores by 1/8 nat); every path applies the LM head only where log-probs are read.
+    share = share and not art.meta.get("runtime_patches") and model.dtype == torch.float32
     return PrefixCachingHFLM(
         pretrained=model,
         tokenizer=tokenizer,
@@ -148,11 +148,20 @@ class TransformersBackend(_TorchBackend):
     name = "transformers"
     formats = ("hf", "compressed-tensors")
     libraries = ("torch", "transformers", "compressed-tensors")
+    activation_kernel = "batch-invariant-fp8-1"  # batch_invariant.install; bump when what it computes changes
 
     def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
+        from . import batch_invariant
+
         model, how = _load_transformers(art, dtype)
-        how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        return _loaded(_lm(model, art, batch_size, max_length, memory_budget), how, self, model, batch_size, memory_budget)
+        share, notes = True, []
+        if art.format == "compressed-tensors" and _dynamic_activations(art.path):
+            # exact batch invariance makes prefix sharing exact; otherwise stock batches
+            share = (why := batch_invariant.unsupported(model)) is None
+            notes.append(batch_invariant.install(model) if share else f"stock batches ({why})")
+        how = "; ".join([how, *notes, *apply_runtime_patches(model, art.meta)])
+        lm = _lm(model, art, batch_size, max_length, memory_budget, share)
+        return _loaded(lm, how, self, model, batch_size, memory_budget)
 
 
 class GPTQModelBackend(_TorchBackend):

@@ -8,9 +8,11 @@ position. Here, as vLLM's prefix caching does, requests are sorted by token sequ
 share a prefix are grouped, the prefix is run once and its key/value cache is reused for each
 request's remaining tokens, batched by length. Request inputs, truncation and the returned
 (log-prob, is-greedy) pairs are exactly stock HFLM's; only the floating-point summation order
-differs. Rows with run-time activation quantization (FP8-dynamic) or a runtime patch that owns
-the KV cache (TurboQuant) run with `share_prefixes=False`: stock lm-eval's batches, order and
-padding exactly, so their scores are stock's bit for bit.
+differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
+`share_prefixes=False`: stock lm-eval's batches, order and padding exactly, so their scores are
+stock's bit for bit. Rows with run-time activation quantization (FP8-dynamic), where summation
+order would show through the 8-bit rounding, are made batch-invariant first (batch_invariant.py)
+and then share prefixes exactly.
 
 Bounded memory (every log-likelihood path): stock HFLM materializes float32 logits for every
 position of a batch and then a log-softmax copy (8 x 700 x 262,144 x 4 B = 5.9 GB each, for a

@@ -54,6 +54,10 @@ class Stage:
         """True when run() reads ctx.calibration(): the calibration text's identity joins the key."""
         return False
 
+    def quantizes_activations(self) -> bool:
+        """True when the output quantizes activations at run time (its backend may evaluate it its own way)."""
+        return False
+
     def output_format(self, input_format: str = "hf") -> str:
         """The format run() will produce from `input_format`, known before running (chain validation)."""
         return "hf"

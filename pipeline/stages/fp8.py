@@ -27,6 +27,9 @@ class FP8Stage(Stage):
     def uses_calibration(self) -> bool:
         return self.params.scheme == "FP8"
 
+    def quantizes_activations(self) -> bool:
+        return True
+
     def output_format(self, input_format: str = "hf") -> str:
         return "compressed-tensors"
 

@@ -1,0 +1,198 @@
+"""Batch-invariant evaluation of compressed-tensors checkpoints that quantize activations at run
+time (FP8_DYNAMIC; static FP8 too): every token gets the same bits whether it is computed in a
+stock lm-eval batch, alone (batch size 1), or as a suffix after a shared prefix's KV cache, so
+prefix sharing is exact for these rows (after "Defeating Nondeterminism in LLM Inference",
+Thinking Machines 2025).
+
+Why stock is not: compressed-tensors fake-quantizes each Linear's input to FP8 (3 mantissa bits)
+and multiplies in float32. A float32 result depends on the summation order, which depends on the
+GEMM's shape (batch size, padded length, a prefix split) and on the attention kernel's blocking;
+a 1e-7 difference that moves a value across an FP8 rounding step becomes a visible difference,
+and it grows through the layers.
+
+What this does instead:
+- **Linear layers, exactly.** An FP8 e4m3 value is a multiple of 2^-9 of magnitude <= 448, so a
+  product of two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
+  products is a multiple of 2^-18 below 2^52: float64 accumulates it exactly, in any order. So
+  y = float32((q_x @ q_w.T in float64) * s_x * s_w) + bias, with (q_x, s_x) the input's FP8 codes
+  and scales computed exactly as compressed-tensors computes them (`_quantize_input`) and
+  (q_w, s_w) the checkpoint's FP8 weight codes and scales. Per-token scales read only the token's
+  own row, so every output row depends on its own input row alone.
+- **Attention in float64**, rounded to float32 once at the end (`fp64_attention`): its
+  reduction over keys still changes order with the number of keys (a full causal pass against a
+  suffix over cached keys), but in float64, so the float32 result differs only when the exact
+  value lies within ~1e-16 relative of a float32 rounding boundary, and then only matters if that
+  last-bit change also moves an FP8 code of the next Linear's input.
+- Everything else (embeddings, RMSNorm, RoPE, residuals, activation functions) is row-wise and
+  was measured invariant as it is; the LM head (not quantized) runs in float64 rounded to
+  float32 too, since MKL's float32 GEMM sums in another order for another number of rows.
+
+`install(model)` applies all of this to a loaded model and returns what it did (the row's
+"evaluated as" text); hf.py calls it for such checkpoints and then shares prefixes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..errors import QuantpipeError
+
+FP8_MAX = 448.0
+# Query rows per float64 attention call: bounds the [batch, heads, rows, keys] score matrix.
+ATTENTION_ROWS = 256
+
+
+def _fp8_codes(x: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' round_to_quantized_type for FP8: clamp to +-448, round to e4m3, back."""
+    return torch.clamp(x, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+
+
+def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of a Linear's input as compressed-tensors' forward_quantize computes them
+    (calculate_qparams, symmetric, no zero point): a dynamic per-token scale is max|x| over the
+    dims other than the first two, / 448, with 0 replaced by float32's eps; a static one is stored."""
+    if args.dynamic:
+        keep = {0, 1}  # compute_dynamic_scales_and_zp's TOKEN strategy (a 2-D input is one tensor)
+        dims = tuple(d for d in range(x.ndim) if d not in keep)
+        if dims:
+            lo, hi = torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
+        else:
+            lo, hi = torch.aminmax(x)
+        lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
+        scale = torch.max(lo.abs(), hi.abs()) / torch.tensor(2 * FP8_MAX / 2, dtype=x.dtype)
+        scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
+    else:
+        scale = static_scale
+    return _fp8_codes(x / scale), scale
+
+
+class _FP8Forward:
+    """A compressed-tensors FP8 Linear's forward, computed exactly in float64 (module docstring)."""
+
+    def __init__(self, module: torch.nn.Linear, codes: torch.Tensor, scale: torch.Tensor):
+        self.module = module
+        self.args = module.quantization_scheme.input_activations
+        self.out_scale = scale.reshape(-1).double()  # per output channel, or one per tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        q, s = _quantize_input(x, self.args, getattr(m, "input_scale", None))
+        acc = q.double() @ m.weight.double().T  # exact (module docstring)
+        s = s.double() if s.ndim == x.ndim else s.double().reshape(1)
+        y = (acc * s * self.out_scale).to(x.dtype)
+        return y if m.bias is None else y + m.bias
+
+
+def _supported(module) -> str | None:
+    """Why this quantized Linear cannot be computed exactly here (None: it can)."""
+    scheme = getattr(module, "quantization_scheme", None)
+    w, a = scheme.weights, scheme.input_activations
+    for name, args in (("weights", w), ("input activations", a)):
+        if args is None or args.type != "float" or args.num_bits != 8 or not args.symmetric:
+            return f"{name} {args}"
+    if w.strategy not in ("channel", "tensor") or w.dynamic:
+        return f"weight strategy {w.strategy}"
+    if not ((a.dynamic is True and a.strategy == "token") or (a.dynamic is False and a.strategy == "tensor")):
+        return f"input activation strategy {a.strategy} (dynamic={a.dynamic})"
+    if scheme.output_activations is not None or getattr(module, "weight_global_scale", None) is not None:
+        return "output activations or a global scale"
+    return None
+
+
+def quantized_linears(model) -> list[tuple[str, torch.nn.Module]]:
+    """The compressed-tensors Linear modules that quantize their input at run time."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and getattr(getattr(m, "quantization_scheme", None), "input_activations", None) is not None
+    ]
+
+
+def _decompress(model) -> None:
+    """Run transformers' decompression (it otherwise happens on the first forward): afterwards the
+    weights are float32 codes x scales, which `install` turns back into codes."""
+    with torch.no_grad():
+        model(torch.zeros((1, 1), dtype=torch.long, device=model.device), use_cache=False)
+
+
+def _weight_codes(name: str, module) -> torch.Tensor:
+    """The module's FP8 weight codes (float32), checked to reproduce its decompressed weight."""
+    w, scale = module.weight.data, module.weight_scale.data.float()
+    codes = w.float() if w.dtype == torch.float8_e4m3fn else _fp8_codes(w.float() / scale)
+    if w.dtype != torch.float8_e4m3fn and not torch.equal(codes * scale, w.float()):
+        raise QuantpipeError(f"{name}: its decompressed weight is not FP8 codes x weight_scale; cannot evaluate it batch-invariantly")
+    return codes
+
+
+def fp64_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers attention (AttentionInterface) in float64, rounded to float32 at the end.
+    query [b, heads, q, d]; key, value [b, kv_heads, k, d] read in place for grouped queries;
+    attention_mask: sdpa's boolean mask (True: attend) or None for a causal pass."""
+    if dropout or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
+        raise QuantpipeError(f"{type(module).__name__}: batch-invariant attention supports plain softmax attention only")
+    b, h, nq, d = query.shape
+    hk, nk = key.shape[1], key.shape[2]
+    g = h // hk
+    scaling = scaling if scaling is not None else d**-0.5
+    k, v = key.double(), value.double()
+    out = torch.empty((b, nq, h, value.shape[-1]), dtype=query.dtype, device=query.device)
+    causal = attention_mask is None and nq > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    for a in range(0, nq, ATTENTION_ROWS):
+        z = min(nq, a + ATTENTION_ROWS)
+        q = query[:, :, a:z].double().reshape(b, hk, g * (z - a), d)
+        s = (q @ k.transpose(-1, -2)).mul_(scaling).reshape(b, hk, g, z - a, nk)
+        if attention_mask is not None:
+            m = attention_mask[:, :, a:z, :nk]
+            if m.dtype == torch.bool:
+                s.masked_fill_(~m[:, :, None] if m.shape[1] == 1 else ~m.reshape(b, hk, g, z - a, nk), float("-inf"))
+            else:
+                s.add_(m[:, :, None].double() if m.shape[1] == 1 else m.reshape(b, hk, g, z - a, nk).double())
+        elif causal:
+            rows = torch.arange(a, z, device=query.device)[:, None] + (nk - nq)
+            s.masked_fill_(torch.arange(nk, device=query.device)[None] > rows, float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # a fully masked (padding) row attends to nothing
+        o = (p.reshape(b, hk, g * (z - a), nk) @ v).reshape(b, h, z - a, -1)
+        out[:, a:z] = o.transpose(1, 2).to(query.dtype)
+    return out, None
+
+
+AttentionInterface.register("fp64_invariant", fp64_attention)
+AttentionMaskInterface.register("fp64_invariant", sdpa_mask)
+
+
+def _fp64_head(head: torch.nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = (x.double() @ head.weight.double().T).to(x.dtype)
+        return y if head.bias is None else y + head.bias
+
+    return forward
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot be evaluated batch-invariantly (None: it can)."""
+    linears = quantized_linears(model)
+    if not linears:
+        return "no Linear layer quantizes its input at run time"
+    problems = [f"{n}: {why}" for n, m in linears if (why := _supported(m))]
+    return problems[0] if problems else None
+
+
+def install(model) -> str:
+    """Make `model` (a loaded compressed-tensors checkpoint with run-time activation quantization)
+    batch-invariant, in place; returns how it is now evaluated. Changing what this computes needs
+    a new TransformersBackend.activation_kernel (it enters these rows' result keys)."""
+    if (why := unsupported(model)) is not None:
+        raise QuantpipeError(f"batch-invariant FP8 evaluation: {why}")
+    linears = quantized_linears(model)
+    _decompress(model)
+    for name, m in linears:
+        codes = _weight_codes(name, m)
+        m.weight = torch.nn.Parameter(codes, requires_grad=False)  # the codes replace the decompressed weight (same size)
+        m.forward = _FP8Forward(m, codes, m.weight_scale.data.float())
+    model.set_attn_implementation("fp64_invariant")
+    head = model.get_output_embeddings()
+    if head is not None and isinstance(head, torch.nn.Linear):
+        head.forward = _fp64_head(head)
+    return f"batch-invariant: {len(linears)} FP8 Linear layers exact in float64, attention and LM head in float64"

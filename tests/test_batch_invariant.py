@@ -1,0 +1,132 @@
+"""Batch-invariant FP8-dynamic evaluation (pipeline/backends/batch_invariant.py): the FP8 Linear is
+exact, every token's output is independent of the batch, and the loaded FP8 row, with prefix
+sharing, scores exactly as stock lm-eval at batch size 1 on the same patched model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FIXED_TEXT
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.backends import batch_invariant as bi
+
+
+@pytest.fixture(scope="module")
+def fp8_artifact(tiny_model, tmp_path_factory):
+    from pipeline.stages.base import Artifact, StageContext
+    from pipeline.stages.registry import get_stage
+
+    torch.set_grad_enabled(False)
+    cls = get_stage("fp8")
+    out = tmp_path_factory.mktemp("fp8")
+    stage = cls(cls.Params.model_validate({"scheme": "FP8_DYNAMIC"}))
+    return stage.run(Artifact(tiny_model, "hf", key="b"), out, StageContext(lambda: [], 64, 0))
+
+
+def _load(art):
+    return AutoModelForCausalLM.from_pretrained(art.path, dtype="auto").eval()
+
+
+@pytest.mark.slow
+def test_fp8_linear_is_exact_and_each_row_is_independent_of_the_batch(fp8_artifact):
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    stock = _load(fp8_artifact)
+    stock(torch.zeros((1, 1), dtype=torch.long))  # transformers decompresses on the first forward
+    model = _load(fp8_artifact)
+    bi.install(model)
+    name, lin = bi.quantized_linears(model)[3]
+    ref = stock.get_submodule(name)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, lin.in_features, generator=gen) * torch.logspace(-3, 2, 9)[None, :, None]
+    x[1, 2] = 0  # an all-zero token: its scale is float32's eps, as compressed-tensors sets it
+
+    # the input codes and scales are compressed-tensors' own: codes x scale is its fake-quantized input
+    codes, scale = bi._quantize_input(x, lin.quantization_scheme.input_activations, None)
+    assert torch.equal(codes * scale, forward_quantize(ref, x, "input", ref.quantization_scheme.input_activations))
+    # the weight codes x scales are the decompressed weight stock multiplies with
+    assert torch.equal(lin.weight * lin.weight_scale, ref.weight)
+
+    # exact: integer arithmetic (codes are multiples of 2^-9) gives the same float64 accumulator
+    y = lin(x)
+    exact = ((codes * 512).long() @ (lin.weight * 512).long().T).double() / 2**18
+    assert torch.equal(y, (exact * scale.double() * lin.weight_scale.double().reshape(-1)).float())
+    # and it is stock's product up to float32 summation error (relative to each token's largest output)
+    want = ref(x)
+    assert ((y - want).abs().amax(-1) <= 1e-5 * want.abs().amax(-1)).all() and not torch.equal(y, want)
+
+    # each row's output is the same alone, in another batch, beside other rows, after padding
+    for r, t in [(0, 0), (2, 5), (3, 8)]:
+        alone = lin(x[r : r + 1, t : t + 1])
+        neighbours = lin(torch.cat([x[r : r + 1, : t + 1], torch.randn(1, 40, lin.in_features, generator=gen)], 1))[:, t : t + 1]
+        padded = lin(torch.cat([x, torch.zeros(3, 9, lin.in_features)]).reshape(7, 9, -1))[r : r + 1, t : t + 1]
+        for got in (alone, neighbours, padded):
+            assert torch.equal(got, y[r : r + 1, t : t + 1])
+
+
+def _requests():
+    """MMLU-like: one long shared preamble, several questions with several continuations each, a
+    request sharing nothing, and one left-truncated to max_length."""
+    reqs = []
+    for q in range(3):
+        ctx = f"{FIXED_TEXT}\n\n{FIXED_TEXT[: 30 * q]}\nQ: what does sort do with key number {q}?\nA:"
+        for answer in (" it sorts", " it returns a new list in ascending order", " B"):
+            reqs.append(Instance("loglikelihood", {}, (ctx, answer), idx=len(reqs)))
+    reqs.append(Instance("loglikelihood", {}, ("Unrelated", " text"), idx=len(reqs)))
+    reqs.append(Instance("loglikelihood", {}, (FIXED_TEXT * 8, " end of the text"), idx=len(reqs)))
+    return reqs
+
+
+@pytest.mark.slow
+def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_size_1(fp8_artifact, tiny_model):
+    """The FP8 row as quantpipe loads it (prefix sharing on, batches of 3 and 8) gives the same
+    (log-likelihood, greedy) pairs, ==, as stock HFLM at batch size 1 and at batch size 8 on the same
+    patched model, and the same generations."""
+    from pipeline.backends import load as load_for_eval
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = _requests()
+    loaded = load_for_eval(fp8_artifact, "float32", batch_size=3, max_length=256)
+    assert loaded.lm.prefix_caching and "batch-invariant" in loaded.evaluated_as
+    model = loaded.lm.model
+    kw = dict(pretrained=model, tokenizer=tok, device="cpu", max_length=256)
+    want = HFLM(batch_size=1, **kw).loglikelihood(reqs)
+    assert loaded.lm.loglikelihood(reqs) == want
+    assert HFLM(batch_size=8, **kw).loglikelihood(reqs) == want
+    loaded.lm.batch_size_per_gpu = 8
+    assert loaded.lm.loglikelihood(reqs) == want
+
+    gen = {"until": ["\n\n\n"], "max_gen_toks": 24, "do_sample": False}
+    prompts = [Instance("generate_until", {}, (FIXED_TEXT[: 60 + 70 * i], gen), idx=i) for i in range(3)]
+    assert loaded.lm.generate_until(prompts) == HFLM(batch_size=1, **kw).generate_until(prompts)
+
+
+def test_fp8_rows_have_their_own_result_keys_and_other_rows_keep_theirs(tiny_model, data_dir, tmp_path):
+    """The batch-invariant evaluation is another computation: FP8 rows' eval and KL keys carry the
+    backend's activation kernel; the base's and a weight-only row's keys are as before."""
+    from test_pipeline import write_recipe
+
+    from pipeline import store
+    from pipeline.backends.hf import TransformersBackend
+    from pipeline.job import Job
+    from pipeline.recipe import load_recipe
+
+    variants = {"fp8": [{"stage": "fp8"}], "gptq": [{"stage": "gptq"}]}
+    path = write_recipe(tmp_path, tiny_model, data_dir, variants=variants, tasks={"humaneval": None})
+    job = Job(load_recipe(path), tmp_path / "artifacts")
+    job.prepare()
+    plan = job.plan()
+    plain = store.lib_versions(TransformersBackend.libraries)
+    tagged = {**plain, "activation_kernel": TransformersBackend.activation_kernel}
+    evals = [s for s in plan.steps if s.kind == "eval"]
+    assert {s.row for s in evals} == {"base", "fp8", "gptq"}
+    for s in evals:
+        art = plan.artifact_step(s.row)
+        key = store.content_key(art.key if art else job.base.key, job.evaluator.settings(s.task), tagged if s.row == "fp8" else plain)
+        assert s.key == key
+    kl = {s.row: s.key for s in plan.steps if s.kind == "kl"}
+    fp8_art = plan.artifact_step("fp8").key
+    assert kl["fp8"] == store.content_key(fp8_art, next(s for s in plan.steps if s.kind == "kl_reference").key, tagged)
