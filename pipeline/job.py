@@ -181,6 +181,8 @@ class Job:
             deps = (art_step.id,) if art_step else ()
             backend = backend_for(self._row_format(row), self.recipe.eval.engine)
             versions = store.lib_versions(backend.libraries)  # a new torch or llama.cpp re-evaluates
+            if backend.revision:
+                versions = {**versions, "backend_revision": backend.revision}
             if backend.activation_kernel and any(s.quantizes_activations() for s in self._stages(row)):
                 versions = {**versions, "activation_kernel": backend.activation_kernel}  # e.g. FP8 rows evaluated batch-invariantly
             for task in ev.tasks:

@@ -51,6 +51,8 @@ class Backend:
     # How it computes rows whose stages quantize activations at run time (Stage.quantizes_activations),
     # when that differs from stock: enters those rows' result keys only.
     activation_kernel: ClassVar[str | None] = None
+    # Set (or change) when what the backend computes for every row changes: enters all its rows' result keys.
+    revision: ClassVar[str | None] = None
 
     @classmethod
     def check_available(cls) -> None:

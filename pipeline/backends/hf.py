@@ -168,6 +168,7 @@ class GPTQModelBackend(_TorchBackend):
     name = "gptqmodel"
     formats = ("gptq", "awq")
     libraries = ("torch", "transformers", "gptqmodel")
+    revision = "bf16-stock-batches"  # its bfloat16 kernels no longer share prefixes (scores were 1/8 nat off stock)
 
     def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
         model, how = _load_gptqmodel(art)
