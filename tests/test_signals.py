@@ -17,9 +17,12 @@ from pipeline.store import run_lock
 pytestmark = pytest.mark.slow
 
 
-def converters() -> list[str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout  # -ww: full command lines
-    return [line for line in out.splitlines() if "quantpipe_convert.py" in line]
+def converters(parent: int | None = None) -> list[str]:
+    """llama.cpp converter processes (children of `parent` only, if given: other jobs may convert too)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout  # -ww: full command lines
+    return [
+        line for line in out.splitlines() if "quantpipe_convert.py" in line and (parent is None or line.split()[1] == str(parent))
+    ]
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
@@ -36,9 +39,11 @@ def test_signal_stops_cleanly_and_the_next_run_resumes(tiny_model, data_dir, tmp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job inherits SIGINT ignored (pytest started with `&`): Ctrl-C must reach the run
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 900
-    while not converters() and proc.poll() is None and time.time() < deadline:
+    while not converters(proc.pid) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before the converter started"
     os.kill(proc.pid, sig)  # while llama.cpp's converter runs as a child process
