@@ -49,7 +49,7 @@ from ..types import Artifact
 from .base import Backend, LoadedModel
 
 N_BATCH = 512  # tokens per llama_decode call (and per ubatch)
-LOGITS_CHUNK_BYTES = 64 << 20  # float32 logits of one decode call's outputs, as prefix_cache's head chunks
+LOGITS_CHUNK_BYTES = 64 << 20  # one decode call's output rows as float64 (llama.cpp holds them as float32: half that)
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -60,9 +60,11 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
 
 def _log_softmax_(rows: np.ndarray) -> np.ndarray:
     """`_log_softmax` of a float64 matrix in place, with the same operations in the same order, so
-    the same values (one temporary of its size instead of four)."""
+    the same values; exp is taken a row at a time (a row's sum is the same pairwise sum either way),
+    so no temporary of the matrix's size is made (the old one made four)."""
     rows -= rows.max(axis=-1, keepdims=True)
-    rows -= np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+    sums = np.array([np.exp(r).sum() for r in rows])
+    rows -= np.log(sums)[:, None]
     return rows
 
 
@@ -83,7 +85,7 @@ class LlamaCppLM(TemplateLM):
             seed=SEEDS["torch_random_seed"],
         )
         self.n_vocab = self.llm.n_vocab()
-        self.out_rows = max(1, LOGITS_CHUNK_BYTES // (4 * self.n_vocab))  # output rows per decode call
+        self.out_rows = max(1, LOGITS_CHUNK_BYTES // (8 * self.n_vocab))  # output rows per decode call
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
         self._cached: list[int] = []  # the tokens whose KV cells are in the context, from position 0
@@ -174,13 +176,12 @@ class LlamaCppLM(TemplateLM):
             whole = (ctx + cont)[-(self._max_length + 1) :]
             inp = whole[:-1]
             first = len(inp) - len(cont)
-            logprob, greedy = 0.0, True
+            target, picked, greedy = np.array(cont), np.empty(len(cont)), True
             for a, x in self.logits_from(inp, first):
-                rows = _log_softmax_(x)
-                target = np.array(cont[a - first : a - first + len(rows)])
-                logprob += float(rows[np.arange(len(rows)), target].sum())
-                greedy = greedy and bool((rows.argmax(-1) == target).all())
-            results[i] = (logprob, greedy)
+                rows, k = _log_softmax_(x), a - first
+                picked[k : k + len(rows)] = rows[np.arange(len(rows)), target[k : k + len(rows)]]
+                greedy = greedy and bool((rows.argmax(-1) == target[k : k + len(rows)]).all())
+            results[i] = (float(picked.sum()), greedy)  # one sum over the continuation, as before: the same rounding
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, results[i])
         return results  # type: ignore[return-value]
@@ -231,7 +232,6 @@ class LlamaCppLM(TemplateLM):
             results[i] = s
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), s)
         return results  # type: ignore[return-value]
-
 
     def _next_greedy(self, tokens: list[int]) -> int:
         """argmax of the last position's logits: one output row."""
