@@ -150,7 +150,7 @@ def child(path_name: str, model_dir: Path, length: int) -> dict:
     kw = dict(tokenizer=tok, batch_size=BATCH, device="cpu", max_length=length)
     if family == "gguf-q8_0":
         if how == "quantpipe":
-            loaded = load(Artifact(model_dir / "gguf", "gguf"), "float32", BATCH, max_length=length)
+            loaded = load(Artifact(model_dir / "gguf", "gguf", key=""), "float32", BATCH, max_length=length)
             lm, weights = loaded.lm, loaded.weights_bytes
         else:
             import llama_cpp
@@ -158,7 +158,7 @@ def child(path_name: str, model_dir: Path, length: int) -> dict:
             lm = all_logits_lm(model_dir / "gguf", tok, length)
             weights = int(llama_cpp.llama_model_size(lm.llm.model))
     elif how == "quantpipe" and family in ("base", "fp8-dynamic"):
-        art = Artifact(model_dir / "fp8", "compressed-tensors") if family == "fp8-dynamic" else Artifact(model_dir, "hf")
+        art = Artifact(model_dir / "fp8", "compressed-tensors", key="") if family == "fp8-dynamic" else Artifact(model_dir, "hf", key="")
         loaded = load(art, "float32", BATCH, max_length=length)
         lm, weights = loaded.lm, loaded.weights_bytes
     else:
