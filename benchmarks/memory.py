@@ -182,7 +182,7 @@ def child(path_name: str, model_dir: Path, length: int) -> dict:
 
             def run():
                 for w in wins:
-                    dv._log_softmax(lm.model(torch.tensor([w])).logits[0, :-1].float())
+                    torch.log_softmax(lm.model(torch.tensor([w])).logits[0, :-1].double(), -1)  # the window's [n, vocab] float64
         else:
 
             def run():
