@@ -20,7 +20,7 @@ read (a request's continuation; every position for rolling log-likelihood and th
 the last for generation), at most `out_rows` of them (64 MiB of float32 logits), so llama.cpp
 runs its last layer's FFN, final norm and LM head on those rows alone. Each call's rows are read
 with `llama_get_logits_ith`, made float64, reduced at once (log-softmax, the continuation's
-log-probs, argmax) and dropped. The values are the old [n, vocab] path's (compared on 400
+log-probs, argmax) and dropped. The values are the old [n, vocab] path's (compared on 370
 requests); see docs/performance-memory.md.
 """
 
