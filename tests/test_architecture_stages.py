@@ -21,6 +21,7 @@ from test_architectures import FAMILIES, assert_close, config, generation_reques
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import divergence as dv
+from pipeline.backends import batch_invariant
 from pipeline.backends import load as load_for_eval
 from pipeline.backends.hf import apply_runtime_patches
 from pipeline.calibration import load_calibration
@@ -130,6 +131,8 @@ def stock_model(art: Artifact):
         model = GPTQModel.load(str(art.path), device="cpu").model
     else:
         model = AutoModelForCausalLM.from_pretrained(art.path, dtype="float32" if art.format == "hf" else "auto").eval()
+    if batch_invariant.quantized_linears(model):  # FP8-dynamic rows are evaluated with batch-invariant kernels
+        batch_invariant.install(model)
     apply_runtime_patches(model, art.meta)
     return model
 
@@ -151,9 +154,9 @@ def test_hf_family_artifact_scores_as_stock_lm_eval(family, stage, zoo):
     stock = HFLM(pretrained=stock_model(art), tokenizer=AutoTokenizer.from_pretrained(art.path), **STOCK)
     reqs, gen = loglikelihood_requests(), generation_requests(n=2, max_gen_toks=24)
     want = stock.loglikelihood(reqs)
-    if loaded.lm.prefix_caching:
+    if loaded.lm.prefix_caching and not batch_invariant.quantized_linears(loaded.lm.model):
         assert_close(loaded.lm.loglikelihood(reqs), want)
-    else:  # FP8-dynamic activations and TurboQuant KV rows run stock batches
+    else:  # TurboQuant KV rows run stock batches; FP8-dynamic rows share prefixes exactly (batch-invariant)
         assert loaded.lm.loglikelihood(reqs) == want
     assert loaded.lm.generate_until(gen) == stock.generate_until(gen)
 

@@ -130,7 +130,8 @@ def fp64_attention(module, query, key, value, attention_mask, dropout: float = 0
     """transformers attention (AttentionInterface) in float64, rounded to float32 at the end.
     query [b, heads, q, d]; key, value [b, kv_heads, k, d] read in place for grouped queries;
     attention_mask: sdpa's boolean mask (True: attend) or None for a causal pass."""
-    if dropout or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
+    # softcapping (Gemma-2), sinks (s_aux) and biases are not reproduced here: refuse rather than drop them
+    if dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "softcap")):
         raise QuantpipeError(f"{type(module).__name__}: batch-invariant attention supports plain softmax attention only")
     b, h, nq, d = query.shape
     hk, nk = key.shape[1], key.shape[2]
