@@ -130,3 +130,13 @@ def test_fp8_rows_have_their_own_result_keys_and_other_rows_keep_theirs(tiny_mod
     kl = {s.row: s.key for s in plan.steps if s.kind == "kl"}
     fp8_art = plan.artifact_step("fp8").key
     assert kl["fp8"] == store.content_key(fp8_art, next(s for s in plan.steps if s.kind == "kl_reference").key, tagged)
+
+
+def test_lm_head_in_vocabulary_blocks_equals_the_whole_float64_head():
+    """The float64 head converts HEAD_BLOCK vocabulary rows at a time (bounded memory) and still
+    gives each logit as one float64 dot product rounded once: the whole head's values exactly."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 3 * bi.HEAD_BLOCK + 5, bias=False)
+    x = torch.randn(17, 64)
+    want = (x.double() @ head.weight.double().T).float()
+    assert torch.equal(bi._fp64_head(head)(x), want)

@@ -167,3 +167,68 @@ def test_builtin_smollm2_gguf_tokenizer_agrees_with_llama_cpp(tmp_path):
     assert len(tok.encode(SAMPLE, add_special_tokens=False)) > 60
     tok.save_pretrained(tmp_path / "saved")  # as fetch_builtin saves it; the saved files are what evaluation loads
     check_saved_tokenizer(gguf, tmp_path / "saved")
+
+
+# -- logits only where read: the same values as all-logits decoding, memory bounded at a 128k vocabulary ---
+def all_logits_loglikelihood(art, requests: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """What the backend computed before: llama.cpp with logits_all (Llama.scores, [n_ctx, vocab]), the
+    whole input decoded, a float64 log-softmax of the continuation's rows."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(art.path / "model.gguf"), n_ctx=512, n_batch=512, n_ubatch=512, logits_all=True, verbose=False)
+    out = []
+    for ctx, cont in requests:
+        inp = (ctx + cont)[:-1]
+        llm.reset()
+        llm.eval(inp)
+        rows = _log_softmax(llm.scores[len(inp) - len(cont) : len(inp)])
+        out.append((float(rows[np.arange(len(cont)), cont].sum()), bool((rows.argmax(-1) == np.array(cont)).all())))
+    return out
+
+
+def test_outputs_only_where_read_equal_all_logits_decoding(ggufs):
+    lm = llama(ggufs["Q8_0"])
+    ids = lm.tok_encode(FIXED_TEXT * 3)
+    reqs = [(lm.tok_encode(c), lm.tok_encode(x)) for c, x in REQUESTS if c] + [(ids[:150], ids[150:250]), (ids[:150], ids[150:153])]
+    lm.out_rows = 7  # several decode calls per continuation, split where the old path did not split
+    assert len(reqs[-2][1]) > 3 * lm.out_rows
+    assert lm._loglikelihood_tokens([(None, c, x) for c, x in reqs]) == all_logits_loglikelihood(ggufs["Q8_0"], reqs)
+
+
+def test_gguf_logits_memory_does_not_grow_with_vocabulary_times_length(tiny_model, tmp_path):
+    """A 128,256-token vocabulary (the converter pads the 512-token tokenizer with [PAD] entries), 512-token
+    rolling windows: llama.cpp with logits_all kept [512, vocab] float32 scores and output rows, and the
+    log-softmax made float64 copies of a window's rows (> 1.5 GB); now one decode call's outputs (64 MiB as
+    float64) are held at a time."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from pipeline.backends.base import LoadedModel
+    from pipeline.backends.llamacpp import LOGITS_CHUNK_BYTES, LlamaCppBackend
+    from pipeline.memory import peak_memory_bytes
+
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_model, src)
+    model = LlamaForCausalLM.from_pretrained(src)
+    model.resize_token_embeddings(128256, mean_resizing=False)
+    model.save_pretrained(src)
+    (tmp_path / "gguf").mkdir()
+    cls = get_stage("gguf")
+    art = cls(cls.Params(type="Q8_0", pre_tokenizer="gpt-2")).run(Artifact(src, "hf", key="v"), tmp_path / "gguf", None)
+    lm = llama(art)
+    assert lm.n_vocab == 128256 and lm.out_rows == 65
+    text = FIXED_TEXT * 6
+    assert len(lm.tok_encode(text)) > 600  # two 512-token windows, every position read
+    with peak_memory_bytes() as mem:
+        total = lm.loglikelihood_rolling([Req((text,))])[0]
+    assert total < 0
+    # 64 MiB of float64 rows, its exp, llama.cpp's float32 output rows and the logits in its compute buffer
+    assert mem.grown_bytes < 5 * LOGITS_CHUNK_BYTES, mem
+    loaded = LoadedModel(lm=lm, evaluated_as="", engine="llama.cpp", backend=LlamaCppBackend())
+    ids = lm.tok_encode(text)[:300]
+    with peak_memory_bytes() as mem:
+        shapes = [logp.shape for logp in loaded.next_token_logprobs(ids, 32)]
+    assert shapes == [(32, 128256)] * 9 + [(11, 128256)]
+    assert mem.grown_bytes < 3 * LOGITS_CHUNK_BYTES, mem  # the whole window's float64 rows would be 293 MB, times 3 in the log-softmax

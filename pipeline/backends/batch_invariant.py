@@ -42,6 +42,8 @@ from ..errors import QuantpipeError
 FP8_MAX = 448.0
 # Query rows per float64 attention call: bounds the [batch, heads, rows, keys] score matrix.
 ATTENTION_ROWS = 256
+# Vocabulary rows of the LM head converted to float64 at once: 8192 x hidden x 8 bytes (36 MiB at hidden 576).
+HEAD_BLOCK = 8192
 
 
 def _fp8_codes(x: torch.Tensor) -> torch.Tensor:
@@ -164,8 +166,14 @@ AttentionMaskInterface.register("fp64_invariant", sdpa_mask)
 
 
 def _fp64_head(head: torch.nn.Linear):
+    """The LM head in float64, rounded once; the weight is converted HEAD_BLOCK vocabulary rows at a
+    time, so memory holds a block's float64 copy, not the whole head's (0.5 GiB at 262k x 576)."""
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y = (x.double() @ head.weight.double().T).to(x.dtype)
+        w, xd = head.weight, x.double()
+        y = x.new_empty(*x.shape[:-1], w.shape[0])
+        for a in range(0, w.shape[0], HEAD_BLOCK):  # each logit is still one float64 dot product, rounded once
+            y[..., a : a + HEAD_BLOCK] = (xd @ w[a : a + HEAD_BLOCK].double().T).to(x.dtype)
         return y if head.bias is None else y + head.bias
 
     return forward

@@ -6,17 +6,29 @@ token i is paired with the logits of the wrong position). Why not load the GGUF 
 transformers: that dequantizes the weights and skips llama.cpp's activation quantization in
 its matmuls, which moves answers as much as the weight error itself.
 
-Here: token ids go straight into llama.cpp (`Llama.eval`, all logits kept) and log-probs are
-read from `Llama.scores`. Tokenization is the HF tokenizer's, through the same TemplateLM
+Here: token ids go straight into llama.cpp (`llama_decode` on our own batch) and log-probs are
+read from its output rows. Tokenization is the HF tokenizer's, through the same TemplateLM
 code path as lm-eval's HF model, so every row scores the very same token sequences; `load`
 first checks that it tokenizes as llama.cpp's own vocabulary of the file (tokenizer_check). Requests
 are sorted so that neighbours share prefixes, and the KV cache of the shared prefix is kept
 (the few-shot prefix of MMLU/GSM8K is computed once per subject, not once per item).
+
+Bounded memory: the context is made with `logits_all=False` (llama-cpp-python would otherwise keep
+`Llama.scores`, [n_ctx, vocab] float32: 4.3 GB at a 262k vocabulary, and llama.cpp an output
+buffer of n_batch rows). Each decode call marks as outputs only the positions whose log-probs are
+read (a request's continuation; every position for rolling log-likelihood and the KL reference;
+the last for generation), at most `out_rows` of them (64 MiB of float32 logits), so llama.cpp
+runs its last layer's FFN, final norm and LM head on those rows alone. Each call's rows are read
+with `llama_get_logits_ith`, made float64, reduced at once (log-softmax, the continuation's
+log-probs, argmax) and dropped. The values are the old [n, vocab] path's (compared on 370
+requests); see docs/performance-memory.md.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +48,24 @@ from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel
 
+N_BATCH = 512  # tokens per llama_decode call (and per ubatch)
+LOGITS_CHUNK_BYTES = 64 << 20  # one decode call's output rows as float64 (llama.cpp holds them as float32: half that)
+
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
     rows = rows.astype(np.float64)
     m = rows.max(axis=-1, keepdims=True)
     return rows - m - np.log(np.exp(rows - m).sum(axis=-1, keepdims=True))
+
+
+def _log_softmax_(rows: np.ndarray) -> np.ndarray:
+    """`_log_softmax` of a float64 matrix in place, with the same operations in the same order, so
+    the same values; exp is taken a row at a time (a row's sum is the same pairwise sum either way),
+    so no temporary of the matrix's size is made (the old one made four)."""
+    rows -= rows.max(axis=-1, keepdims=True)
+    sums = np.array([np.exp(r).sum() for r in rows])
+    rows -= np.log(sums)[:, None]
+    return rows
 
 
 class LlamaCppLM(TemplateLM):
@@ -51,14 +76,19 @@ class LlamaCppLM(TemplateLM):
         self.llm = llama_cpp.Llama(
             model_path=str(gguf_path),
             n_ctx=n_ctx,
-            n_batch=512,
-            n_ubatch=512,
-            logits_all=True,
+            n_batch=N_BATCH,
+            n_ubatch=N_BATCH,
+            logits_all=False,  # see the module docstring: outputs are asked for per position instead
             n_threads=os.cpu_count() or 1,
             n_threads_batch=os.cpu_count() or 1,
             verbose=False,
             seed=SEEDS["torch_random_seed"],
         )
+        self.n_vocab = self.llm.n_vocab()
+        self.out_rows = max(1, LOGITS_CHUNK_BYTES // (8 * self.n_vocab))  # output rows per decode call
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self._batch)
+        self._cached: list[int] = []  # the tokens whose KV cells are in the context, from position 0
         self.tokenizer = tokenizer
         self.add_bos_token = None  # as lm-eval's HF model by default: the tokenizer decides
         self._max_length = n_ctx
@@ -90,22 +120,52 @@ class LlamaCppLM(TemplateLM):
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    # -- llama.cpp with prefix reuse ---------------------------------------------------------------------
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        """Logits at every position of `tokens` (row i predicts token i+1), reusing the cached prefix."""
+    # -- llama.cpp with prefix reuse, outputs only where read --------------------------------------------
+    def logits_from(self, tokens: list[int], first: int, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Decode `tokens`, reusing the cached prefix, and yield (a, float64 logits [k, vocab]) for
+        positions a..a+k-1 from `first` on (row i predicts token i+1), k <= rows and <= out_rows.
+        The positions before `first` get no output rows; the KV cells of `tokens` stay cached."""
+        import llama_cpp
+
         if len(tokens) > self._max_length:
             raise ValueError(f"{len(tokens)} tokens exceed the llama.cpp context of {self._max_length}")
-        cached = self.llm.input_ids[: self.llm.n_tokens]
-        n = 0
-        limit = min(len(cached), len(tokens))
-        while n < limit and cached[n] == tokens[n]:
+        rows = min(rows or self.out_rows, self.out_rows)
+        first = max(0, first)
+        # cached positions that need an output are decoded again: their logits were not kept
+        n, limit = 0, min(len(self._cached), len(tokens), first)
+        while n < limit and self._cached[n] == tokens[n]:
             n += 1
-        self.llm.n_tokens = n  # Llama.eval drops the KV cells from n on before decoding the rest
-        if n < len(tokens):
-            self.llm.eval(tokens[n:])
+        ctx = self.llm.ctx
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), -1, n, -1)  # as Llama.eval: drop cells from n on
+        del self._cached[n:]
         self.prefix_reused_tokens += n
         self.evaluated_tokens += len(tokens) - n
-        return self.llm.scores[: len(tokens)]
+        b, pos = self._batch, n
+        while pos < len(tokens):
+            end = min(len(tokens), pos + N_BATCH)
+            out = max(pos, first)
+            if out < end:
+                end = min(end, out + rows)
+            b.n_tokens = end - pos
+            for j, t in enumerate(tokens[pos:end]):
+                b.token[j], b.pos[j], b.n_seq_id[j], b.seq_id[j][0] = t, pos + j, 1, 0
+                b.logits[j] = pos + j >= first
+            if (rc := llama_cpp.llama_decode(ctx, b)) != 0:
+                self._cached.clear()  # the context's cells are no longer known
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), -1, 0, -1)
+                raise RuntimeError(f"llama_decode returned {rc}")
+            self._cached.extend(tokens[pos:end])
+            if out < end:
+                x = np.empty((end - out, self.n_vocab), dtype=np.float64)
+                for j in range(end - out):
+                    x[j] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, out - pos + j), shape=(self.n_vocab,))
+                yield out, x
+            pos = end
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of `tokens`, [n, vocab] float64: for tests and short inputs only
+        (the evaluation paths read `logits_from` chunk by chunk)."""
+        return np.concatenate([x for _, x in self.logits_from(tokens, 0)])
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
@@ -115,11 +175,13 @@ class LlamaCppLM(TemplateLM):
             # as HFLM: the model sees (context + continuation) minus its last token, truncated on the left
             whole = (ctx + cont)[-(self._max_length + 1) :]
             inp = whole[:-1]
-            rows = _log_softmax(self.logits(inp)[len(inp) - len(cont) :])
-            target = np.array(cont)
-            logprob = float(rows[np.arange(len(cont)), target].sum())
-            greedy = bool((rows.argmax(-1) == target).all())
-            results[i] = (logprob, greedy)
+            first = len(inp) - len(cont)
+            target, picked, greedy = np.array(cont), np.empty(len(cont)), True
+            for a, x in self.logits_from(inp, first):
+                rows, k = _log_softmax_(x), a - first
+                picked[k : k + len(rows)] = rows[np.arange(len(rows)), target[k : k + len(rows)]]
+                greedy = greedy and bool((rows.argmax(-1) == target[k : k + len(rows)]).all())
+            results[i] = (float(picked.sum()), greedy)  # one sum over the continuation, as before: the same rounding
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, results[i])
         return results  # type: ignore[return-value]
@@ -156,8 +218,7 @@ class LlamaCppLM(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
             ctx = self.tok_encode(context, left_truncate_len=self._max_length - max_gen)
-            rows = self.logits(ctx)
-            nxt = int(rows[-1].argmax())
+            nxt = self._next_greedy(ctx)
             gen: list[int] = []
             for _ in range(max_gen):
                 if nxt == self.eot_token_id:
@@ -166,11 +227,16 @@ class LlamaCppLM(TemplateLM):
                 text = self.tok_decode(gen, skip_special_tokens=False)
                 if any(s and s in text for s in until):
                     break
-                nxt = int(self.logits(ctx + gen)[-1].argmax())
+                nxt = self._next_greedy(ctx + gen)
             s = postprocess_generated_text(self.tok_decode(gen), until, None)
             results[i] = s
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), s)
         return results  # type: ignore[return-value]
+
+    def _next_greedy(self, tokens: list[int]) -> int:
+        """argmax of the last position's logits: one output row."""
+        *_, (_, x) = self.logits_from(tokens, len(tokens) - 1)
+        return int(x[-1].argmax())
 
 
 class LlamaCppBackend(Backend):
@@ -195,6 +261,6 @@ class LlamaCppBackend(Backend):
         return LoadedModel(lm, how, "llama.cpp", self, int(llama_cpp.llama_model_size(lm.llm.model)), batch_size=1)
 
     def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int):
-        logits = loaded.lm.logits(ids)  # llama.cpp keeps them; only `rows` are made float64 at a time
-        for a in range(0, len(ids) - 1, rows):
-            yield _log_softmax(np.array(logits[a : min(a + rows, len(ids) - 1)]))
+        # positions 0..n-2: the last token predicts nothing read here, so it is not decoded
+        for _, x in loaded.lm.logits_from(ids[:-1], 0, rows):
+            yield _log_softmax_(x)
