@@ -20,9 +20,7 @@ pytestmark = pytest.mark.slow
 def converters(parent: int | None = None) -> list[str]:
     """llama.cpp converter processes (children of `parent` only, if given: other jobs may convert too)."""
     out = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout  # -ww: full command lines
-    return [
-        line for line in out.splitlines() if "quantpipe_convert.py" in line and (parent is None or line.split()[1] == str(parent))
-    ]
+    return [line for line in out.splitlines() if "quantpipe_convert.py" in line and (parent is None or line.split()[1] == str(parent))]
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
