@@ -69,8 +69,13 @@ KL_BOUND = 0.1  # KL to the base on the docs text; measured: 4-bit at most ~0.03
 STOCK = dict(batch_size=3, device="cpu", max_length=256)
 
 
-def recipe(model, stage: str):
-    return parse_recipe({"name": "t", "model": {"id": str(model)}, "variants": {stage: [STAGES[stage]]}})
+def recipe(model, stage: str, family: str = ""):
+    params = STAGES[stage]
+    if family == "qwen2" and stage in GGUF:
+        # transformers loads a qwen2 folder's tokenizer as Qwen2Tokenizer, whose pre-tokenizer splits a newline from
+        # the spaces after it (gpt-2's keeps "\n   " together): llama.cpp must use the same, or the tokenizer check refuses
+        params = {**params, "pre_tokenizer": "qwen2"}
+    return parse_recipe({"name": "t", "model": {"id": str(model)}, "variants": {stage: [params]}})
 
 
 class Zoo:
@@ -101,7 +106,7 @@ class Zoo:
         """As a run does it: the model checks of Job.prepare, then the stage."""
         if (family, stage) not in self.artifacts:
             base = self.base(family)
-            r = recipe(base, stage)
+            r = recipe(base, stage, family)
             check_against_model(r, model_info(base))
             out = self.root / f"{family}-{stage}"
             out.mkdir()
