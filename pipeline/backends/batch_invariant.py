@@ -73,7 +73,7 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
 class _FP8Forward:
     """A compressed-tensors FP8 Linear's forward, computed exactly in float64 (module docstring)."""
 
-    def __init__(self, module: torch.nn.Linear, codes: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, module: torch.nn.Linear, scale: torch.Tensor):  # module.weight holds the FP8 codes (install)
         self.module = module
         self.args = module.quantization_scheme.input_activations
         self.out_scale = scale.reshape(-1).double()  # per output channel, or one per tensor
@@ -199,7 +199,7 @@ def install(model) -> str:
     for name, m in linears:
         codes = _weight_codes(name, m)
         m.weight = torch.nn.Parameter(codes, requires_grad=False)  # the codes replace the decompressed weight (same size)
-        m.forward = _FP8Forward(m, codes, m.weight_scale.data.float())
+        m.forward = _FP8Forward(m, m.weight_scale.data.float())
     model.set_attn_implementation("fp64_invariant")
     head = model.get_output_embeddings()
     if head is not None and isinstance(head, torch.nn.Linear):
