@@ -209,6 +209,8 @@ def fp8_at_batch_size_1(run_root: Path, task_dir: Path, work: Path) -> tuple[int
     lm = load(Artifact(art_dir, "compressed-tensors", key="fp8"), "auto", BATCH_SIZE, max_length=4096).lm
     hf1 = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, device="cpu", max_length=4096)
     samples = stock_samples(task_dir, QUICK)
+    # HumanEval's metric runs model-written code in this process; the stock route's children get the same opt-in
+    os.environ["QUANTPIPE_ALLOW_CODE_EXECUTION"] = "1"
     r = simple_evaluate(
         model=hf1,
         tasks=list(QUICK),
