@@ -203,6 +203,7 @@ def fp8_at_batch_size_1(run_root: Path, task_dir: Path, work: Path) -> tuple[int
     from lm_eval.tasks import TaskManager
 
     from pipeline.backends import load
+    from pipeline.code_exec import OPT_IN_ENV
     from pipeline.types import Artifact
 
     art_dir = next((run_root / "fp8" / "stages").iterdir())
@@ -210,7 +211,7 @@ def fp8_at_batch_size_1(run_root: Path, task_dir: Path, work: Path) -> tuple[int
     hf1 = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=1, device="cpu", max_length=4096)
     samples = stock_samples(task_dir, QUICK)
     # HumanEval's metric runs model-written code in this process; the stock route's children get the same opt-in
-    os.environ["QUANTPIPE_ALLOW_CODE_EXECUTION"] = "1"
+    os.environ[OPT_IN_ENV] = "1"
     r = simple_evaluate(
         model=hf1,
         tasks=list(QUICK),
