@@ -483,10 +483,11 @@ class PrefixCachingHFLM(HFLM):
         vals, greedy = None, torch.empty(len(index), dtype=torch.long)
         with torch.no_grad(), self._autocast():
             for a, logp in head_logprobs(self.model, hidden[at[:, 0], at[:, 1]], dtype=self.softmax_dtype):
-                vals = torch.empty(len(pos), dtype=logp.dtype) if vals is None else vals
+                # summed on the model's device, as stock sums: CUDA adds in another order than the CPU (1 ulp)
+                vals = torch.empty(len(pos), dtype=logp.dtype, device=logp.device) if vals is None else vals
                 greedy[a : a + len(logp)] = logp.argmax(-1).cpu()
                 sel = (pos >= a) & (pos < a + len(logp))
-                vals[sel] = logp[pos[sel] - a, tok[sel]].cpu()
+                vals[sel.to(logp.device)] = logp[(pos[sel] - a).to(logp.device), tok[sel].to(logp.device)]
         return [(float(vals[a:b].sum()), bool((greedy[pos[a:b]] == tok[a:b]).all())) for a, b in spans]
 
     def _prefix_cache(self, prefix: tuple):
