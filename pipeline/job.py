@@ -153,9 +153,10 @@ class Job:
             for i, stage in enumerate(self.recipe.stages(row)):
                 params = stage.params.model_dump(mode="json")
                 calib = [calibration_fingerprint(self.recipe)] if stage.uses_calibration() else []
-                key = store.content_key(
-                    key, stage.name, params, store.lib_versions(stage.libraries), self.recipe.calibration.model_dump(), *calib
-                )
+                versions = store.lib_versions(stage.libraries)
+                if stage.revision:  # only where set, so other stages keep their keys
+                    versions = {**versions, "stage_revision": stage.revision}
+                key = store.content_key(key, stage.name, params, versions, self.recipe.calibration.model_dump(), *calib)
                 if key not in by_key:
                     by_key[key] = plan.add(
                         Step(

@@ -232,3 +232,47 @@ def test_gguf_logits_memory_does_not_grow_with_vocabulary_times_length(tiny_mode
         shapes = [logp.shape for logp in loaded.next_token_logprobs(ids, 32)]
     assert shapes == [(32, 128256)] * 9 + [(11, 128256)]
     assert mem.grown_bytes < 3 * LOGITS_CHUNK_BYTES, mem  # the whole window's float64 rows would be 293 MB, times 3 in the log-softmax
+
+
+def test_byte_level_bpe_with_byte_fallback_is_written_as_gpt2_not_sentencepiece(tiny_model, tmp_path):
+    """transformers' conversion of a GGUF gpt2 vocabulary (the built-in SmolLM2's) saves a byte-level
+    BPE with byte_fallback set; llama.cpp's converter took that for a SentencePiece vocabulary and
+    labelled it "llama", and llama.cpp then aborted the process tokenizing any non-ASCII byte. The
+    stage writes it as GPT-2 (and checks the result); the converter's own output is refused in one
+    line by the tokenizer check, which runs llama.cpp's tokenizer in a child process."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import gguf
+
+    from pipeline.errors import QuantpipeError
+    from pipeline.stages._llamacpp_tools import converter
+    from pipeline.tokenizer_check import SAMPLE, check_gguf_tokenizer
+
+    src = tmp_path / "byte-fallback"
+    shutil.copytree(tiny_model, src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    assert tok["pre_tokenizer"]["type"] == "ByteLevel"
+    tok["model"]["byte_fallback"] = True
+    tok["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"}, tok["decoder"]]}
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+
+    def vocab_model(path) -> str:
+        return bytes(gguf.GGUFReader(str(path)).fields["tokenizer.ggml.model"].parts[-1]).decode()
+
+    cls, ours = get_stage("gguf"), tmp_path / "ours"
+    ours.mkdir()
+    art = cls(cls.Params(type="Q8_0", pre_tokenizer="gpt-2")).run(Artifact(src, "hf", key="b"), ours, None)
+    assert vocab_model(art.path / "model.gguf") == "gpt2"
+    assert llama(art).llm.tokenize(SAMPLE.encode(), add_bos=False, special=False) == AutoTokenizer.from_pretrained(src).encode(SAMPLE)
+
+    tool, stock = converter(), tmp_path / "stock.gguf"  # llama.cpp's converter as shipped, without quantpipe's wrapper
+    env = {**__import__("os").environ, "PYTHONPATH": str(tool / "gguf-py")}
+    cmd = [sys.executable, str(tool / "convert_hf_to_gguf.py"), str(src), "--outfile", str(stock), "--outtype", "f32"]
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=tool)
+    assert vocab_model(stock) == "llama"
+    with pytest.raises(QuantpipeError) as e:
+        check_gguf_tokenizer(stock, AutoTokenizer.from_pretrained(src))
+    assert "\n" not in str(e.value) and "aborted" in str(e.value) and str(stock) in str(e.value)

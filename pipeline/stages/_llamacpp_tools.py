@@ -36,6 +36,22 @@ if override:
         except NotImplementedError:  # unknown tokenizer hash: use the pre-tokenizer named in the recipe
             return override
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+import json
+import conversion.base as base
+owner = next(c for c in base.TextModel.__mro__ if "_set_vocab_llama_hf" in vars(c))
+llama_hf = owner._set_vocab_llama_hf
+def _set_vocab_llama_hf(self):
+    # The converter takes any tokenizer.json BPE with byte_fallback for a SentencePiece (Llama 2)
+    # vocabulary and labels it "llama". A byte-level BPE (ByteLevel pre-tokenizer, GPT-2 style)
+    # with byte_fallback set, as transformers writes when it converts a GGUF's gpt2 vocabulary, is
+    # not one: llama.cpp would then abort tokenizing any non-ASCII byte. Convert it as GPT-2 instead.
+    path = os.path.join(self.dir_model, "tokenizer.json")
+    pre = json.load(open(path, encoding="utf-8")).get("pre_tokenizer") if os.path.isfile(path) else None
+    parts = (pre or {}).get("pretokenizers") or [pre or {}]
+    if any(p.get("type") == "ByteLevel" for p in parts):
+        raise TypeError("a byte-level BPE: converted as GPT-2")  # LlamaModel.set_vocab falls back to GPT-2
+    return llama_hf(self)
+owner._set_vocab_llama_hf = _set_vocab_llama_hf
 sys.argv[0] = os.path.join(tool, "convert_hf_to_gguf.py")
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -41,6 +41,8 @@ class Stage:
     Params: ClassVar[type[StageParams]] = StageParams
     # Python distributions whose versions enter the artifact key (a new release rebuilds).
     libraries: ClassVar[tuple[str, ...]] = ()
+    # Bump when what run() writes changes for the same inputs: it enters the artifact key (stale outputs rebuild).
+    revision: ClassVar[str] = ""
     # Input formats this stage can consume; the recipe validator checks chains against it.
     accepts: ClassVar[tuple[str, ...]] = ("hf",)
 

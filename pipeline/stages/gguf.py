@@ -117,6 +117,7 @@ class GGUFStage(Stage):
     name = "gguf"
     Params = GGUFParams
     libraries = ("llama-cpp-python", "transformers", "torch")
+    revision = "byte-level-bpe-as-gpt2"  # such vocabularies were written as SentencePiece, which llama.cpp cannot tokenize with
 
     def check(self, model: ModelInfo) -> None:
         try:
@@ -148,9 +149,16 @@ class GGUFStage(Stage):
             base.unlink()
             if rc != 0 or not target.is_file():
                 raise RuntimeError(f"llama_model_quantize to {p.type} failed (code {rc})")
-        for name in TOKENIZER_FILES:
-            if (Path(inp.path) / name).is_file():
-                shutil.copy2(Path(inp.path) / name, out_dir / name)
+        copied = [name for name in TOKENIZER_FILES if (Path(inp.path) / name).is_file()]
+        for name in copied:
+            shutil.copy2(Path(inp.path) / name, out_dir / name)
+        if copied:  # evaluation feeds this tokenizer's ids to llama.cpp, and a server tokenizes with the file's own vocabulary
+            from transformers import AutoTokenizer
+
+            from ..remote_code import trust
+            from ..tokenizer_check import check_gguf_tokenizer
+
+            check_gguf_tokenizer(target, AutoTokenizer.from_pretrained(out_dir, **trust()), f"the tokenizer written beside {target.name}")
         report = tensor_report(target)
         # k-quants need rows that are multiples of 256; narrower matrices fall back to legacy types.
         wanted_k = "_K" in p.type
