@@ -127,8 +127,7 @@ def main() -> None:
             d, margin = b - v, a.margin / 100
             sd = max(float(d.std(ddof=1)), 1e-3)
             drop = float(d.mean())
-            # the oracle's effect |margin - drop|, as a drop mirrored below the margin (same n either side)
-            mirrored = margin - max(abs(margin - drop), 1e-4)
+            oracle_drop = drop if abs(margin - drop) >= 1e-4 else margin - 1e-4  # on the margin no design decides
             task = COLUMN_TASK[col]
             base_share = seconds(root, "base", task) * len(d) / max(1, table.base.cells[col].n)
             rows.append(
@@ -140,7 +139,7 @@ def main() -> None:
                     "n": len(d),
                     "minutes": (seconds(root, row.name, task) + base_share) / 60,
                     "fixed": sq.fixed_n_items(sd, margin, 0.05, 0.9, 0.0, k),
-                    "oracle": sq.fixed_n_items(sd, margin, 0.05, 0.9, mirrored, k),
+                    "oracle": sq.fixed_n_items(sd, margin, 0.05, 0.9, oracle_drop, k),
                     "drop": 100 * drop,
                     "fixed_verdict": "–",
                 }

@@ -702,13 +702,13 @@ def kl_interval(per_window_kl: np.ndarray, alpha: float = 0.05, seed: int = 0) -
 
 
 def fixed_n_items(sd: float, margin: float, alpha: float = 0.05, power: float = 0.9, true_drop: float = 0.0, n_checks: int = 1) -> int:
-    """Items a fixed-n paired design needs to pass with probability `power` when the true mean
-    drop is true_drop: one-sided z-test at alpha/n_checks (Bonferroni), normal approximation,
-    n = ((z_{1-alpha/k} + z_{power}) sd / (margin - true_drop))^2."""
-    if margin <= true_drop:
-        raise ValueError("no design passes with high probability when the true drop is at or above the margin")
+    """Items a fixed-n paired design needs to decide correctly with probability `power` when the
+    true mean drop is true_drop: pass below the margin, fail above it (one-sided z-tests at
+    alpha/n_checks, Bonferroni; normal approximation), n = ((z_{1-alpha/k} + z_{power}) sd / |margin - true_drop|)^2."""
+    if margin == true_drop:
+        raise ValueError("no design decides with high probability when the true drop is on the margin")
     z = ndtri(1 - alpha / n_checks) + ndtri(power)
-    return math.ceil((z * sd / (margin - true_drop)) ** 2)
+    return math.ceil((z * sd / abs(margin - true_drop)) ** 2)
 
 
 def _expected_crossing(

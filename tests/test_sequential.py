@@ -264,6 +264,8 @@ def test_fixed_n_items_formula():
     # ((1.645 + 1.2816) * 0.4 / 0.03)^2 = 1522.6
     assert sq.fixed_n_items(0.4, 0.03, 0.05, 0.9) == 1523
     assert sq.fixed_n_items(0.4, 0.03, 0.05, 0.9, n_checks=4) > 1523
+    # above the margin the design must fail with that power: the same n at the mirrored drop
+    assert sq.fixed_n_items(0.4, 0.03, 0.05, 0.9, true_drop=0.06) == 1523
     with pytest.raises(ValueError):
         sq.fixed_n_items(0.4, 0.03, true_drop=0.03)
 
