@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import sequential as sq  # noqa: E402
 from pipeline.gate import paired_items  # noqa: E402
+from pipeline.planning import planning_sd  # noqa: E402
 from pipeline.recipe import GateConfig  # noqa: E402
 from pipeline.table import build_table  # noqa: E402
 
@@ -125,7 +126,7 @@ def main() -> None:
         for col in [c for c in COLUMN_TASK if c in row.cells]:
             b, v, _ = paired_items(table.base.cells[col], row.cells[col])
             d, margin = b - v, a.margin / 100
-            sd = max(float(d.std(ddof=1)), 1e-3)
+            sd = planning_sd(d)
             drop = float(d.mean())
             oracle_drop = drop if abs(margin - drop) >= 1e-4 else margin - 1e-4  # on the margin no design decides
             task = COLUMN_TASK[col]

@@ -52,6 +52,14 @@ def seconds_per_item(root: Path, index: dict) -> dict[str, float]:
     return {t.column.name: float(np.mean(spent[t.name])) for t in COLUMNS if t.name in spent}
 
 
+def planning_sd(d: np.ndarray) -> float:
+    """The per-item SD to size a design with: the observed one, or, where no pair differed (a
+    pilot says nothing about the spread), the SD of a 3/n rate of +-1 differences (rule of three:
+    the 95% upper bound of a rate never seen in n items); otherwise a 1-item "design" results."""
+    sd = float(d.std(ddof=1))
+    return sd if sd > 0 else float(np.sqrt(3 / len(d)))
+
+
 def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 0.9) -> list[Need]:
     from .gate import paired_items
 
@@ -64,7 +72,7 @@ def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 
             if len(d) < 2:
                 continue
             margin = cfg.limit(col) / 100
-            sd = max(float(d.std(ddof=1)), 1e-3)
+            sd = planning_sd(d)
             # plan for the observed drop, kept off the margin itself (where no design decides)
             drop = float(d.mean())
             true = min(drop, margin - 0.25 * margin) if drop < margin else max(drop, margin + 0.25 * margin)

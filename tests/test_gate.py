@@ -196,14 +196,16 @@ def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
 
     closer = [0] * 6 + BASE[6:]  # a 3-point drop against a 5-point margin: harder to decide than no drop
     over = [0] * 20 + BASE[20:]  # a 10-point drop: sized to fail, as a drop under the margin is sized to pass
-    run = make_run(tmp_path / "r", BASE, {"closer": closer, "noisy": [0] * 2 + [1] * 2 + BASE[4:], "over": over})
+    same = list(BASE)  # no pair differs: sized at the rule-of-three spread, sqrt(3/200), not a 1-item design
+    run = make_run(tmp_path / "r", BASE, {"closer": closer, "noisy": [0] * 2 + [1] * 2 + BASE[4:], "over": over, "same": same})
     text = plan_report(run, GateConfig(max_drop={"default": 5}))
     rows = {
         line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
         for line in text.splitlines()
-        if line.startswith(("| closer ", "| noisy ", "| over "))
+        if line.startswith(("| closer ", "| noisy ", "| over ", "| same "))
     }
-    assert set(rows) == {"closer", "noisy", "over"}
+    assert set(rows) == {"closer", "noisy", "over", "same"}
+    assert rows["same"][4] == "0.122" and int(rows["same"][5]) > 100
     assert rows["over"][3] == "+10.00" and 0 < int(rows["over"][5]) < int(rows["closer"][5])
     assert rows["closer"][0] == "GSM8K" and rows["closer"][2] == "200" and rows["closer"][3] == "+3.00"
     fixed = {k: int(v[5]) for k, v in rows.items()}
