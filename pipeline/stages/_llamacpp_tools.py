@@ -26,9 +26,10 @@ from pipeline.remote_code import guard
 guard()  # the converter passes trust_remote_code=True for some architectures: only the recipe decides
 tool = sys.argv.pop(1)
 sys.path[:0] = [tool, os.path.join(tool, "gguf-py")]
+import json
+import conversion.base as base
 override = os.environ.get("QUANTPIPE_GGUF_PRE_TOKENIZER")
 if override:
-    import conversion.base as base
     original = base.TextModel.get_vocab_base_pre
     def get_vocab_base_pre(self, tokenizer):
         try:
@@ -36,8 +37,6 @@ if override:
         except NotImplementedError:  # unknown tokenizer hash: use the pre-tokenizer named in the recipe
             return override
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
-import json
-import conversion.base as base
 owner = next(c for c in base.TextModel.__mro__ if "_set_vocab_llama_hf" in vars(c))
 llama_hf = owner._set_vocab_llama_hf
 def _set_vocab_llama_hf(self):
