@@ -1,6 +1,7 @@
 """Batch-invariant FP8-dynamic evaluation (pipeline/backends/batch_invariant.py): the FP8 Linear is
-exact, every token's output is independent of the batch, and the loaded FP8 row, with prefix
-sharing, scores exactly as stock lm-eval at batch size 1 on the same patched model."""
+exact (float64 path) or summed in fixed-shape float32 tiles (checked at load), every token's output
+is independent of the batch either way, and the loaded FP8 row, with prefix sharing, scores exactly
+as stock lm-eval at batch size 1 on the same patched model."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_fp8_linear_is_exact_and_each_row_is_independent_of_the_batch(fp8_artifa
     stock = _load(fp8_artifact)
     stock(torch.zeros((1, 1), dtype=torch.long))  # transformers decompresses on the first forward
     model = _load(fp8_artifact)
-    bi.install(model)
+    assert "exact in float64" in bi.install(model, tiles=False)
     name, lin = bi.quantized_linears(model)[3]
     ref = stock.get_submodule(name)
     gen = torch.Generator().manual_seed(0)
@@ -51,20 +52,63 @@ def test_fp8_linear_is_exact_and_each_row_is_independent_of_the_batch(fp8_artifa
     assert torch.equal(lin.weight * lin.weight_scale, ref.weight)
 
     # exact: integer arithmetic (codes are multiples of 2^-9) gives the same float64 accumulator
-    y = lin(x)
+    y = _rows_alone_beside_others_and_padded(lin, x, gen)  # each row's output is the same in any batch
     exact = ((codes * 512).long() @ (lin.weight * 512).long().T).double() / 2**18
     assert torch.equal(y, (exact * scale.double() * lin.weight_scale.double().reshape(-1)).float())
     # and it is stock's product up to float32 summation error (relative to each token's largest output)
     want = ref(x)
     assert ((y - want).abs().amax(-1) <= 1e-5 * want.abs().amax(-1)).all() and not torch.equal(y, want)
 
-    # each row's output is the same alone, in another batch, beside other rows, after padding
+
+def _rows_alone_beside_others_and_padded(lin, x, gen):
+    """Each of a few rows computed alone, beside other rows, and in a padded batch: all == its value in x's batch."""
+    y = lin(x)
     for r, t in [(0, 0), (2, 5), (3, 8)]:
         alone = lin(x[r : r + 1, t : t + 1])
         neighbours = lin(torch.cat([x[r : r + 1, : t + 1], torch.randn(1, 40, lin.in_features, generator=gen)], 1))[:, t : t + 1]
         padded = lin(torch.cat([x, torch.zeros(3, 9, lin.in_features)]).reshape(7, 9, -1))[r : r + 1, t : t + 1]
         for got in (alone, neighbours, padded):
             assert torch.equal(got, y[r : r + 1, t : t + 1])
+    return y
+
+
+@pytest.mark.slow
+def test_fp8_linear_in_float32_tiles_is_independent_of_the_batch(fp8_artifact):
+    """Where the load-time check passes (a CPU BLAS that sums each row of a fixed-shape call in one
+    order), the float32 path gives each row the same bits in any batch, and is the exact value up
+    to float32 summation error; the check is what install uses by default on a CPU."""
+    model = _load(fp8_artifact)
+    how = bi.install(model)
+    if "float32" not in how:
+        pytest.skip(f"this machine's BLAS failed the load-time check, so install chose: {how}")
+    name, lin = bi.quantized_linears(model)[3]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 9, lin.in_features, generator=gen) * torch.logspace(-3, 2, 9)[None, :, None]
+    y = _rows_alone_beside_others_and_padded(lin, x, gen)
+    codes, scale = bi._quantize_input(x, lin.quantization_scheme.input_activations, None)
+    exact = ((codes.double() @ lin.weight.double().T) * scale.double() * lin.weight_scale.double().reshape(-1)).float()
+    assert ((y - exact).abs().amax(-1) <= 1e-5 * exact.abs().amax(-1)).all() and not torch.equal(y, exact)
+
+
+def test_the_load_time_check_refuses_arithmetic_that_depends_on_the_other_rows():
+    """tiles_are_invariant passes the fixed-shape tiles here only if they are invariant, and refuses
+    a GEMM whose rows depend on the rest of the batch (a per-tensor input scale, as static
+    activation quantization computed at run time would use) and one whose summation order
+    depends on the row count (float32 summed over the batch's row count of K splits)."""
+    torch.manual_seed(0)
+    wt = bi._fp8_codes(torch.randn(96, 200) * 8).T
+
+    def per_tensor_scale(x, w):
+        s = x.abs().amax() / 448
+        return bi._fp8_codes(x / s) @ w * s
+
+    def splits_by_row_count(x, w):  # K summed in as many chunks as there are rows
+        return sum(c @ wc for c, wc in zip(x.chunk(x.shape[0], 1), w.chunk(x.shape[0], 0)))
+
+    assert not bi.tiles_are_invariant(wt, per_tensor_scale)
+    assert not bi.tiles_are_invariant(wt, splits_by_row_count)
+    exact = bi.tiles_are_invariant(wt, lambda x, w: (x.double() @ w.double()).float())  # exact sums: invariant anywhere
+    assert exact
 
 
 def _requests():
@@ -81,16 +125,20 @@ def _requests():
 
 
 @pytest.mark.slow
-def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_size_1(fp8_artifact, tiny_model):
+@pytest.mark.parametrize("tiles", [True, False], ids=["float32-tiles-if-checked", "float64"])
+def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_size_1(fp8_artifact, tiny_model, tiles, monkeypatch):
     """The FP8 row as quantpipe loads it (prefix sharing on, batches of 3 and 8) gives the same
     (log-likelihood, greedy) pairs, ==, as stock HFLM at batch size 1 and at batch size 8 on the same
-    patched model, and the same generations."""
+    patched model, and the same generations: on the default path (float32 tiles where the load-time
+    check passes) and on the float64 path."""
     from pipeline.backends import load as load_for_eval
 
+    monkeypatch.setattr(bi, "FLOAT32_TILES", tiles)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     reqs = _requests()
     loaded = load_for_eval(fp8_artifact, "float32", batch_size=3, max_length=256)
     assert loaded.lm.prefix_caching and "batch-invariant" in loaded.evaluated_as
+    assert tiles or "exact in float64" in loaded.evaluated_as
     model = loaded.lm.model
     kw = dict(pretrained=model, tokenizer=tok, device="cpu", max_length=256)
     want = HFLM(batch_size=1, **kw).loglikelihood(reqs)
@@ -130,6 +178,22 @@ def test_fp8_rows_have_their_own_result_keys_and_other_rows_keep_theirs(tiny_mod
     kl = {s.row: s.key for s in plan.steps if s.kind == "kl"}
     fp8_art = plan.artifact_step("fp8").key
     assert kl["fp8"] == store.content_key(fp8_art, next(s for s in plan.steps if s.kind == "kl_reference").key, tagged)
+
+
+def test_tiled_lm_head_gives_each_row_the_same_logits_in_any_batch():
+    """The float32 head runs [TILE, hidden] x [hidden, <= COL_BLOCK] calls: a row's logits, across
+    several column blocks, are the same alone as in batches of 5 and 40, and float32-close to exact."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 2 * bi.COL_BLOCK + 5, bias=False)
+    if not all(bi.tiles_are_invariant(wt) for wt in bi._call_shapes([head.weight])):
+        pytest.skip("this machine's BLAS failed the load-time check")
+    x = torch.randn(40, 64)
+    y = bi._tiled_head(head)(x)
+    for r in (0, 3, 35):
+        assert torch.equal(bi._tiled_head(head)(x[r : r + 1]), y[r : r + 1])
+        assert torch.equal(bi._tiled_head(head)(x[r : r + 5]), y[r : r + 5])
+    exact = x.double() @ head.weight.double().T
+    assert ((y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()).item()
 
 
 def test_lm_head_in_vocabulary_blocks_equals_the_whole_float64_head():

@@ -11,21 +11,30 @@ a 1e-7 difference that moves a value across an FP8 rounding step becomes a visib
 and it grows through the layers.
 
 What this does instead:
-- **Linear layers, exactly.** An FP8 e4m3 value is a multiple of 2^-9 of magnitude <= 448, so a
-  product of two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
-  products is a multiple of 2^-18 below 2^52: float64 accumulates it exactly, in any order. So
-  y = float32((q_x @ q_w.T in float64) * s_x * s_w) + bias, with (q_x, s_x) the input's FP8 codes
-  and scales computed exactly as compressed-tensors computes them (`_quantize_input`) and
-  (q_w, s_w) the checkpoint's FP8 weight codes and scales. Per-token scales read only the token's
-  own row, so every output row depends on its own input row alone.
+- **Linear layers on FP8 codes, in one summation order per row.** The input's FP8 codes and
+  scales are computed exactly as compressed-tensors computes them (`_quantize_input`; per-token
+  scales read only the token's own row) and multiplied with the checkpoint's FP8 weight codes;
+  y = (acc * s_x * s_w) + bias. The accumulator `acc` is made independent of the batch one of two
+  ways, picked once per load (`install`):
+  - **float32 in fixed-shape tiles** (CPU, where the load-time probe confirms it): every GEMM
+    call is exactly [TILE, K] x [K, <= COL_BLOCK] (the last row tile zero-padded), so the BLAS
+    runs one kernel with one blocking whatever the batch, padded length or prefix split; a row's
+    sums then depend on nothing but that row. That is a property of the BLAS, not a proof, so
+    `tiles_are_invariant` checks it on every call shape at load (each row alone vs at every
+    position beside other rows) and the float64 path is used where it fails.
+  - **exactly, in float64**: an FP8 e4m3 value is a multiple of 2^-9 of magnitude <= 448, so a
+    product of two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
+    products is a multiple of 2^-18 below 2^52: float64 accumulates it exactly, in any order
+    (about twice float32's cost on a CPU; the path on GPUs, checked on an H200).
 - **Attention in float64**, rounded to float32 once at the end (`fp64_attention`): its
   reduction over keys still changes order with the number of keys (a full causal pass against a
   suffix over cached keys), but in float64, so the float32 result differs only when the exact
   value lies within ~1e-16 relative of a float32 rounding boundary, and then only matters if that
   last-bit change also moves an FP8 code of the next Linear's input.
 - Everything else (embeddings, RMSNorm, RoPE, residuals, activation functions) is row-wise and
-  was measured invariant as it is; the LM head (not quantized) runs in float64 rounded to
-  float32 too, since MKL's float32 GEMM sums in another order for another number of rows.
+  was measured invariant as it is; the LM head (not quantized) runs the same way as the Linear
+  layers (float32 tiles or float64 rounded once), since a plain float32 GEMM sums in another order
+  for another number of rows.
 
 `install(model)` applies all of this to a loaded model and returns what it did (the row's
 "evaluated as" text); hf.py calls it for such checkpoints and then shares prefixes.
@@ -44,6 +53,13 @@ FP8_MAX = 448.0
 ATTENTION_ROWS = 256
 # Vocabulary rows of the LM head converted to float64 at once: 8192 x hidden x 8 bytes (36 MiB at hidden 576).
 HEAD_BLOCK = 8192
+# Rows per float32 GEMM call on the tiled path: every call has this shape. 16 rows x 4 bytes keeps
+# each tile of a contiguous input 64-byte aligned like the first, whatever the width.
+TILE = 16
+# Output columns per tiled call: a head's weight is read a cache-sized block at a time, not once per tile.
+COL_BLOCK = 4096
+# False: always the exact float64 path (tests compare both).
+FLOAT32_TILES = True
 
 
 def _fp8_codes(x: torch.Tensor) -> torch.Tensor:
@@ -70,20 +86,58 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
     return _fp8_codes(x / scale), scale
 
 
-class _FP8Forward:
-    """A compressed-tensors FP8 Linear's forward, computed exactly in float64 (module docstring)."""
+def mm_tiles(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """x [m, k] @ wt [k, n] in float32, as GEMM calls of exactly [TILE, k] x [k, <= COL_BLOCK]
+    (module docstring): the same calls, in the same places of the same kind of buffer, for a row
+    whatever the other rows are."""
+    m, k = x.shape
+    pad = (-m) % TILE
+    if pad or not x.is_contiguous() or x.data_ptr() % 64:
+        x = torch.cat([x, x.new_zeros(pad, k)])  # a fresh allocation: 64-byte aligned
+    y = x.new_empty(m + pad, wt.shape[1])
+    for c in range(0, wt.shape[1], COL_BLOCK):
+        w = wt[:, c : c + COL_BLOCK]
+        for a in range(0, m + pad, TILE):
+            y[a : a + TILE, c : c + COL_BLOCK] = x[a : a + TILE] @ w
+    return y[:m]
 
-    def __init__(self, module: torch.nn.Linear, scale: torch.Tensor):  # module.weight holds the FP8 codes (install)
-        self.module = module
+
+def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
+    """Whether `mm(x, wt)` gives each row the same bits alone and beside any other rows, at any
+    position of a tile, here (this BLAS, this thread count): TILE + 1 random FP8-code rows, each
+    alone against several arrangements of them. Only one row's columns per distinct call shape
+    need checking; `install` passes each shape's first and last column block."""
+    gen = torch.Generator().manual_seed(0)
+    x = _fp8_codes(torch.randn(TILE + 1, wt.shape[0], generator=gen, dtype=wt.dtype).mul_(16.0)).to(wt.device)
+    x[3] *= 1e-3  # rows of very different magnitudes side by side
+    alone = torch.cat([mm(x[i : i + 1], wt) for i in range(TILE + 1)])
+    order = torch.arange(TILE + 1, device=wt.device)
+    arrangements = [order, order.roll(1), order.roll(TILE // 2 + 1), order.flip(0), order[1:], order[5:9], order[:1].repeat(TILE + 2)]
+    return all(torch.equal(mm(x[rows], wt), alone[rows]) for rows in arrangements)
+
+
+class _FP8Forward:
+    """A compressed-tensors FP8 Linear's forward on FP8 codes, batch-invariant (module docstring):
+    float32 tiles when `tiles`, else exact in float64."""
+
+    def __init__(self, module: torch.nn.Linear, scale: torch.Tensor, tiles: bool):  # module.weight holds the FP8 codes (install)
+        self.module, self.tiles = module, tiles
+        self.threads = torch.get_num_threads()  # what the tiles were checked with
         self.args = module.quantization_scheme.input_activations
-        self.out_scale = scale.reshape(-1).double()  # per output channel, or one per tensor
+        self.out_scale = scale.reshape(-1) if tiles else scale.reshape(-1).double()  # per output channel, or one per tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         q, s = _quantize_input(x, self.args, getattr(m, "input_scale", None))
-        acc = q.double() @ m.weight.double().T  # exact (module docstring)
-        s = s.double() if s.ndim == x.ndim else s.double().reshape(1)
-        y = (acc * s * self.out_scale).to(x.dtype)
+        s = s if s.ndim == x.ndim else s.reshape(1)
+        if self.tiles:
+            if (now := torch.get_num_threads()) != self.threads:  # another thread count may block the sums otherwise
+                raise QuantpipeError(f"batch-invariant FP8: torch's threads went from {self.threads} to {now} after the load check; reload")
+            acc = mm_tiles(q.reshape(-1, q.shape[-1]), m.weight.T).reshape(*q.shape[:-1], -1)
+            y = (acc * s * self.out_scale).to(x.dtype)
+        else:
+            acc = q.double() @ m.weight.double().T  # exact (module docstring)
+            y = (acc * s.double() * self.out_scale).to(x.dtype)
         return y if m.bias is None else y + m.bias
 
 
@@ -179,6 +233,28 @@ def _fp64_head(head: torch.nn.Linear):
     return forward
 
 
+def _tiled_head(head: torch.nn.Linear):
+    """The LM head as float32 tiles (`mm_tiles`)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = mm_tiles(x.reshape(-1, x.shape[-1]).to(head.weight.dtype), head.weight.T).reshape(*x.shape[:-1], -1).to(x.dtype)
+        return y if head.bias is None else y + head.bias
+
+    return forward
+
+
+def _call_shapes(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One transposed weight slice per distinct `mm_tiles` call shape: the first and the last
+    COL_BLOCK columns of each distinct weight shape."""
+    seen: dict[tuple, torch.Tensor] = {}
+    for w in weights:
+        wt = w.T
+        for c in (0, (wt.shape[1] - 1) // COL_BLOCK * COL_BLOCK):
+            block = wt[:, c : c + COL_BLOCK]
+            seen.setdefault((block.shape, block.dtype, block.device), block)
+    return list(seen.values())
+
+
 def unsupported(model) -> str | None:
     """Why `model` cannot be evaluated batch-invariantly (None: it can)."""
     linears = quantized_linears(model)
@@ -188,20 +264,28 @@ def unsupported(model) -> str | None:
     return problems[0] if problems else None
 
 
-def install(model) -> str:
+def install(model, tiles: bool | None = None) -> str:
     """Make `model` (a loaded compressed-tensors checkpoint with run-time activation quantization)
-    batch-invariant, in place; returns how it is now evaluated. Changing what this computes needs
-    a new TransformersBackend.activation_kernel (it enters these rows' result keys)."""
+    batch-invariant, in place; returns how it is now evaluated. `tiles`: float32 tiles (True) or
+    float64 (False); None: tiles on a CPU where every call shape passes `tiles_are_invariant`.
+    Changing what this computes needs a new TransformersBackend.activation_kernel (it enters
+    these rows' result keys)."""
     if (why := unsupported(model)) is not None:
         raise QuantpipeError(f"batch-invariant FP8 evaluation: {why}")
     linears = quantized_linears(model)
     _decompress(model)
-    for name, m in linears:
-        codes = _weight_codes(name, m)
-        m.weight = torch.nn.Parameter(codes, requires_grad=False)  # the codes replace the decompressed weight (same size)
-        m.forward = _FP8Forward(m, m.weight_scale.data.float())
-    model.set_attn_implementation("fp64_invariant")
+    codes = {name: _weight_codes(name, m) for name, m in linears}
     head = model.get_output_embeddings()
-    if head is not None and isinstance(head, torch.nn.Linear):
-        head.forward = _fp64_head(head)
-    return f"batch-invariant: {len(linears)} FP8 Linear layers exact in float64, attention and LM head in float64"
+    head = head if isinstance(head, torch.nn.Linear) else None
+    if tiles is None:
+        weights = [*codes.values(), *([head.weight] if head is not None else [])]
+        on_cpu = all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
+        tiles = FLOAT32_TILES and on_cpu and all(tiles_are_invariant(wt) for wt in _call_shapes(weights))
+    for name, m in linears:
+        m.weight = torch.nn.Parameter(codes[name], requires_grad=False)  # the codes replace the decompressed weight (same size)
+        m.forward = _FP8Forward(m, m.weight_scale.data.float(), tiles)
+    model.set_attn_implementation("fp64_invariant")
+    if head is not None:
+        head.forward = _tiled_head(head) if tiles else _fp64_head(head)
+    how = f"float32 in fixed [{TILE}-row] GEMM tiles (checked invariant at load)" if tiles else "exact in float64"
+    return f"batch-invariant: {len(linears)} FP8 Linear layers and the LM head {how}, attention in float64"
