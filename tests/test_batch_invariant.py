@@ -181,7 +181,7 @@ def test_fp8_rows_have_their_own_result_keys_and_other_rows_keep_theirs(tiny_mod
 
 
 def test_tiled_lm_head_gives_each_row_the_same_logits_in_any_batch():
-    """The float32 head runs [TILE, hidden] x [hidden, <= COL_BLOCK] calls: a row's logits, across
+    """The float32 head runs [t, hidden] (t in TILES) x [hidden, <= COL_BLOCK] calls: a row's logits, across
     several column blocks, are the same alone as in batches of 5 and 40, and float32-close to exact."""
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 2 * bi.COL_BLOCK + 5, bias=False)

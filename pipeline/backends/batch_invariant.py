@@ -17,11 +17,12 @@ What this does instead:
   y = (acc * s_x * s_w) + bias. The accumulator `acc` is made independent of the batch one of two
   ways, picked once per load (`install`):
   - **float32 in fixed-shape tiles** (CPU, where the load-time probe confirms it): every GEMM
-    call is exactly [TILE, K] x [K, <= COL_BLOCK] (the last row tile zero-padded), so the BLAS
-    runs one kernel with one blocking whatever the batch, padded length or prefix split; a row's
-    sums then depend on nothing but that row. That is a property of the BLAS, not a proof, so
-    `tiles_are_invariant` checks it on every call shape at load (each row alone vs at every
-    position beside other rows) and the float64 path is used where it fails.
+    call is [t, K] x [K, <= COL_BLOCK] with t one of TILES (the last row tile zero-padded), so the
+    BLAS runs one of a few fixed kernels and blockings whatever the batch, padded length or
+    prefix split; where each sums a row in the same order, a row's bits depend on that row
+    alone. That is a property of the BLAS, not a proof, so `tiles_are_invariant` checks it on
+    every call shape at load (each row alone vs at many positions of every tile size beside
+    other rows) and the float64 path is used where it fails.
   - **exactly, in float64**: an FP8 e4m3 value is a multiple of 2^-9 of magnitude <= 448, so a
     product of two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
     products is a multiple of 2^-18 below 2^52: float64 accumulates it exactly, in any order
@@ -53,10 +54,11 @@ FP8_MAX = 448.0
 ATTENTION_ROWS = 256
 # Vocabulary rows of the LM head converted to float64 at once: 8192 x hidden x 8 bytes (36 MiB at hidden 576).
 HEAD_BLOCK = 8192
-# Rows per float32 GEMM call on the tiled path: every call has this shape. 16 rows x 4 bytes keeps
-# each tile of a contiguous input 64-byte aligned like the first, whatever the width.
-TILE = 16
-# Output columns per tiled call: a head's weight is read a cache-sized block at a time, not once per tile.
+# Rows per float32 GEMM call on the tiled path, largest first: a call has one of these shapes
+# (the last tile zero-padded to the smallest), and the load check requires a row's bits to be the
+# same in each of them. Tiles of 16 rows and more (x 4 bytes) start 64-byte aligned like the first.
+TILES = (256, 64, 16, 8)
+# Output columns per tiled call: a wide head's weight is multiplied a cache-sized block at a time.
 COL_BLOCK = 4096
 # False: always the exact float64 path (tests compare both).
 FLOAT32_TILES = True
@@ -86,33 +88,48 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
     return _fp8_codes(x / scale), scale
 
 
+def _tiles(m: int):
+    """(first row, tile size) covering m rows: the largest tiles that fit, then one padded smallest."""
+    a = 0
+    while a < m:
+        t = next((t for t in TILES if t <= m - a), TILES[-1])
+        yield a, t
+        a += t
+
+
 def mm_tiles(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """x [m, k] @ wt [k, n] in float32, as GEMM calls of exactly [TILE, k] x [k, <= COL_BLOCK]
-    (module docstring): the same calls, in the same places of the same kind of buffer, for a row
-    whatever the other rows are."""
+    """x [m, k] @ wt [k, n] in float32, as GEMM calls of exactly [t, k] x [k, <= COL_BLOCK], t in
+    TILES (module docstring): the same kinds of calls on the same kind of buffer for a row whatever
+    the other rows are."""
     m, k = x.shape
-    pad = (-m) % TILE
-    if pad or not x.is_contiguous() or x.data_ptr() % 64:
-        x = torch.cat([x, x.new_zeros(pad, k)])  # a fresh allocation: 64-byte aligned
-    y = x.new_empty(m + pad, wt.shape[1])
-    for c in range(0, wt.shape[1], COL_BLOCK):
-        w = wt[:, c : c + COL_BLOCK]
-        for a in range(0, m + pad, TILE):
-            y[a : a + TILE, c : c + COL_BLOCK] = x[a : a + TILE] @ w
-    return y[:m]
+    if not x.is_contiguous() or x.data_ptr() % 64:
+        x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation: 64-byte aligned
+    y = x.new_empty(m, wt.shape[1])
+    for a, t in _tiles(m):
+        xa = x[a : a + t]
+        if xa.shape[0] < t:
+            xa = torch.cat([xa, xa.new_zeros(t - xa.shape[0], k)])
+        for c in range(0, wt.shape[1], COL_BLOCK):
+            w = wt[:, c : c + COL_BLOCK]
+            if a + t <= m and w.shape[1] == wt.shape[1]:
+                torch.mm(xa, w, out=y[a : a + t])  # straight into place: no copy
+            else:
+                y[a : a + t, c : c + COL_BLOCK] = (xa @ w)[: m - a]
+    return y
 
 
 def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
     """Whether `mm(x, wt)` gives each row the same bits alone and beside any other rows, at any
-    position of a tile, here (this BLAS, this thread count): TILE + 1 random FP8-code rows, each
-    alone against several arrangements of them. Only one row's columns per distinct call shape
-    need checking; `install` passes each shape's first and last column block."""
+    position of a tile of every size, here (this BLAS, this thread count): 17 random FP8-code rows,
+    each alone against arrangements of them that fill tiles of every size. Only one column block
+    per distinct call shape needs checking; `install` passes each shape's first and last block."""
     gen = torch.Generator().manual_seed(0)
-    x = _fp8_codes(torch.randn(TILE + 1, wt.shape[0], generator=gen, dtype=wt.dtype).mul_(16.0)).to(wt.device)
+    x = _fp8_codes(torch.randn(17, wt.shape[0], generator=gen, dtype=wt.dtype).mul_(16.0)).to(wt.device)
     x[3] *= 1e-3  # rows of very different magnitudes side by side
-    alone = torch.cat([mm(x[i : i + 1], wt) for i in range(TILE + 1)])
-    order = torch.arange(TILE + 1, device=wt.device)
-    arrangements = [order, order.roll(1), order.roll(TILE // 2 + 1), order.flip(0), order[1:], order[5:9], order[:1].repeat(TILE + 2)]
+    alone = torch.cat([mm(x[i : i + 1], wt) for i in range(17)])
+    order = torch.arange(17, device=wt.device)
+    shuffled = torch.randint(0, 17, (max(TILES) + sum(TILES) + 3,), generator=gen).to(wt.device)
+    arrangements = [order, order.roll(1), order.flip(0), order[5:9], order[:1].repeat(18), shuffled, shuffled[7:], order.repeat(20)]
     return all(torch.equal(mm(x[rows], wt), alone[rows]) for rows in arrangements)
 
 
@@ -287,5 +304,5 @@ def install(model, tiles: bool | None = None) -> str:
     model.set_attn_implementation("fp64_invariant")
     if head is not None:
         head.forward = _tiled_head(head) if tiles else _fp64_head(head)
-    how = f"float32 in fixed [{TILE}-row] GEMM tiles (checked invariant at load)" if tiles else "exact in float64"
+    how = f"float32 in fixed {'/'.join(map(str, TILES))}-row GEMM tiles (checked invariant at load)" if tiles else "exact in float64"
     return f"batch-invariant: {len(linears)} FP8 Linear layers and the LM head {how}, attention in float64"
