@@ -91,10 +91,10 @@ def test_fp8_linear_in_float32_tiles_is_independent_of_the_batch(fp8_artifact):
 
 
 def test_the_load_time_check_refuses_arithmetic_that_depends_on_the_other_rows():
-    """tiles_are_invariant passes the fixed-shape tiles here only if they are invariant, and refuses
-    a GEMM whose rows depend on the rest of the batch (a per-tensor input scale, as static
-    activation quantization computed at run time would use) and one whose summation order
-    depends on the row count (float32 summed over the batch's row count of K splits)."""
+    """tiles_are_invariant refuses a GEMM whose rows depend on the rest of the batch (a per-tensor
+    input scale, as static activation quantization computed at run time would use) and one whose
+    summation order depends on the row count (float32 summed in as many K splits as rows), and
+    passes one whose sums are exact (invariant on any machine)."""
     torch.manual_seed(0)
     wt = bi._fp8_codes(torch.randn(96, 200) * 8).T
 
@@ -107,8 +107,7 @@ def test_the_load_time_check_refuses_arithmetic_that_depends_on_the_other_rows()
 
     assert not bi.tiles_are_invariant(wt, per_tensor_scale)
     assert not bi.tiles_are_invariant(wt, splits_by_row_count)
-    exact = bi.tiles_are_invariant(wt, lambda x, w: (x.double() @ w.double()).float())  # exact sums: invariant anywhere
-    assert exact
+    assert bi.tiles_are_invariant(wt, lambda x, w: (x.double() @ w.double()).float())
 
 
 def _requests():

@@ -97,6 +97,7 @@ def _tiles(m: int):
         a += t
 
 
+@torch.no_grad()  # inference only; torch.mm(out=) refuses a weight that requires grad
 def mm_tiles(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """x [m, k] @ wt [k, n] in float32, as GEMM calls of exactly [t, k] x [k, <= COL_BLOCK], t in
     TILES (module docstring): the same kinds of calls on the same kind of buffer for a row whatever
