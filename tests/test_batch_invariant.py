@@ -138,6 +138,7 @@ def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_siz
     loaded = load_for_eval(fp8_artifact, "float32", batch_size=3, max_length=256)
     assert loaded.lm.prefix_caching and "batch-invariant" in loaded.evaluated_as
     assert tiles or "exact in float64" in loaded.evaluated_as
+    assert ("attention float32" in loaded.evaluated_as) == ("float32 in fixed" in loaded.evaluated_as)  # with the tiles
     model = loaded.lm.model
     kw = dict(pretrained=model, tokenizer=tok, device="cpu", max_length=256)
     want = HFLM(batch_size=1, **kw).loglikelihood(reqs)

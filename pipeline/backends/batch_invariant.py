@@ -27,11 +27,23 @@ What this does instead:
     product of two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
     products is a multiple of 2^-18 below 2^52: float64 accumulates it exactly, in any order
     (about twice float32's cost on a CPU; the path on GPUs, checked on an H200).
-- **Attention in float64**, rounded to float32 once at the end (`fp64_attention`): its
-  reduction over keys still changes order with the number of keys (a full causal pass against a
-  suffix over cached keys), but in float64, so the float32 result differs only when the exact
-  value lies within ~1e-16 relative of a float32 rounding boundary, and then only matters if that
-  last-bit change also moves an FP8 code of the next Linear's input.
+- **Attention** one of two ways, picked with the Linear path:
+  - **float32 in fixed key blocks** (`f32_attention`, with the tiles): scores and the value
+    product are GEMMs of fixed shapes ([t, d] x [d, KEY_BLOCK] and [t, KEY_BLOCK] x
+    [KEY_BLOCK, d + 16], t in TILES, batched over heads), over key blocks at fixed places
+    relative to each request: from its first key (prefill, prefix and suffix passes; left padding
+    is skipped) or, for a generation step, back from the newest key. The softmax takes the exact
+    max over all keys first (no running rescale), each block's exp-weighted values and their sum
+    (a ones column) come out of one GEMM, and the blocks are added in order; a block no query of a
+    tile attends is skipped, which is exact (it would add zeros). A key's block and column are
+    then the same whatever the batch, the padding or where a prefix cache was split, so a query's
+    bits are too, as far as the BLAS computes each row and column of a fixed-shape GEMM alike;
+    `attention_is_invariant` checks that at load on the model's head shapes (alone against
+    batched, padded, split and generated), and the float64 path is used where it fails.
+  - **float64** (`fp64_attention`), rounded to float32 once at the end: its reduction over keys
+    still changes order with the number of keys, but in float64, so the float32 result differs
+    only when the exact value lies within ~1e-16 relative of a float32 rounding boundary, and then
+    only matters if that last-bit change also moves an FP8 code of the next Linear's input.
 - Everything else (embeddings, RMSNorm, RoPE, residuals, activation functions) is row-wise and
   was measured invariant as it is; the LM head (not quantized) runs the same way as the Linear
   layers (float32 tiles or float64 rounded once), since a plain float32 GEMM sums in another order
@@ -42,6 +54,8 @@ What this does instead:
 """
 
 from __future__ import annotations
+
+import contextvars
 
 import torch
 from transformers import AttentionInterface
@@ -60,6 +74,12 @@ HEAD_BLOCK = 8192
 TILES = (256, 64, 16, 8)
 # Output columns per tiled call: a wide head's weight is multiplied a cache-sized block at a time.
 COL_BLOCK = 4096
+# Keys per block of the float32 attention, and the zero columns that pad its value product
+# ([.., d + 1] with the ones column) to a width the GEMM kernels vectorize.
+KEY_BLOCK = 128
+# Query rows per attention GEMM: TILES, and 4 for a generation step's few rows (query heads per key head).
+ATTENTION_TILES = (*TILES, 4)
+VALUE_PAD = 16
 # False: always the exact float64 path (tests compare both).
 FLOAT32_TILES = True
 
@@ -74,14 +94,11 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
     (calculate_qparams, symmetric, no zero point): a dynamic per-token scale is max|x| over the
     dims other than the first two, / 448, with 0 replaced by float32's eps; a static one is stored."""
     if args.dynamic:
-        keep = {0, 1}  # compute_dynamic_scales_and_zp's TOKEN strategy (a 2-D input is one tensor)
-        dims = tuple(d for d in range(x.ndim) if d not in keep)
-        if dims:
-            lo, hi = torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
-        else:
-            lo, hi = torch.aminmax(x)
-        lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
-        scale = torch.max(lo.abs(), hi.abs()) / torch.tensor(2 * FP8_MAX / 2, dtype=x.dtype)
+        # compressed-tensors takes max(|min(lo, 0)|, |max(hi, 0)|) over the dims other than the first
+        # two (compute_dynamic_scales_and_zp's TOKEN strategy; a 2-D input is one tensor): that is
+        # exactly max |x|, in two passes instead of six
+        dims = tuple(range(2, x.ndim))
+        scale = (x.abs().amax(dim=dims, keepdim=True) if dims else x.abs().amax()) / torch.tensor(FP8_MAX, dtype=x.dtype)
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
     else:
         scale = static_scale
@@ -134,6 +151,24 @@ def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
     return all(torch.equal(mm(x[rows], wt), alone[rows]) for rows in arrangements)
 
 
+# The last input quantized with a dynamic scale, and its codes: q/k/v projections (and gate/up)
+# read the same tensor, which is then quantized once. Held strongly, so its id is not reused.
+_LAST_INPUT: list = [None, -1, None]
+
+
+def _shared_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_quantize_input`, reusing the codes of the previous call when it quantized this very tensor
+    (same object, unchanged since) with a dynamic scale, which depends on x alone."""
+    if not args.dynamic:
+        return _quantize_input(x, args, static_scale)
+    last, version, out = _LAST_INPUT
+    if last is x and version == x._version:
+        return out
+    out = _quantize_input(x, args, static_scale)
+    _LAST_INPUT[:] = [x, x._version, out]
+    return out
+
+
 class _FP8Forward:
     """A compressed-tensors FP8 Linear's forward on FP8 codes, batch-invariant (module docstring):
     float32 tiles when `tiles`, else exact in float64."""
@@ -146,7 +181,7 @@ class _FP8Forward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        q, s = _quantize_input(x, self.args, getattr(m, "input_scale", None))
+        q, s = _shared_input(x, self.args, getattr(m, "input_scale", None))
         s = s if s.ndim == x.ndim else s.reshape(1)
         if self.tiles:
             if (now := torch.get_num_threads()) != self.threads:  # another thread count may block the sums otherwise
@@ -236,6 +271,170 @@ def fp64_attention(module, query, key, value, attention_mask, dropout: float = 0
 AttentionInterface.register("fp64_invariant", fp64_attention)
 AttentionMaskInterface.register("fp64_invariant", sdpa_mask)
 
+# True inside `model.generate` of a model `install` gave float32 attention: a step after the prompt
+# then blocks its keys back from the newest one (f32_attention).
+_GENERATING = contextvars.ContextVar("quantpipe_generating", default=False)
+
+
+def _align(x: torch.Tensor, offsets: list[int], width: int, extra: int = 0, fill=0.0) -> torch.Tensor:
+    """x [b, ..., n, c] moved along its second-to-last dim by a per-row offset into a fresh
+    [b, ..., width, c + extra]: out[r, ..., i, :c] = x[r, ..., i + offsets[r], :] where that
+    exists, `fill` elsewhere; column c (if extra) is 1 and the rest of the extra columns 0."""
+    n, c = x.shape[-2], x.shape[-1]
+    if len(set(offsets)) > 1:  # left-padded rows (a generation's prompt): row by row into a filled buffer
+        out = x.new_full((*x.shape[:-2], width, c + extra), fill)
+        for r, off in enumerate(offsets):
+            lo, hi = max(0, -off), min(width, n - off)
+            if hi > lo:
+                out[r, ..., lo:hi, :c] = x[r, ..., lo + off : hi + off, :]
+    else:  # one copy, and `fill` only where nothing is copied
+        off = offsets[0]
+        lo, hi = min(width, max(0, -off)), max(0, min(width, n - off))
+        out = x.new_empty((*x.shape[:-2], width, c + extra))
+        out[..., :lo, :], out[..., hi:, :] = fill, fill
+        if hi > lo:
+            out[..., lo:hi, :c] = x[..., lo + off : hi + off, :]
+            out[..., lo:hi, c:] = 0
+    if extra:
+        out[..., c] = 1
+    return out
+
+
+def _attention_tiles(m: int):
+    """`_tiles` with ATTENTION_TILES: a generation step has as few rows as query heads per key head."""
+    a = 0
+    while a < m:
+        t = next((t for t in ATTENTION_TILES if t <= m - a), ATTENTION_TILES[-1])
+        yield a, t
+        a += t
+
+
+def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers attention (AttentionInterface) in float32, batch-invariant (module docstring).
+    query [b, heads, q, d]; key, value [b, kv_heads, k, d]; attention_mask: sdpa's boolean mask
+    [b, 1, q, k] (True: attend) or None for a causal pass."""
+    if dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "softcap")):
+        raise QuantpipeError(f"{type(module).__name__}: batch-invariant attention supports plain softmax attention only")
+    b, h, nq, d = query.shape
+    hk, nk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    g, kb, dev = h // hk, KEY_BLOCK, query.device
+    scaling = scaling if scaling is not None else d**-0.5
+    if attention_mask is None:
+        allowed = (torch.arange(nk, device=dev) <= torch.arange(nk - nq, nk, device=dev)[:, None]).expand(b, nq, nk)
+    elif attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1:
+        allowed = attention_mask[:, 0, :, :nk]
+    else:
+        raise QuantpipeError(f"batch-invariant attention: unexpected mask {tuple(attention_mask.shape)} {attention_mask.dtype}")
+    if _GENERATING.get() and nk > nq:  # a generation step: every row's newest key is the last one
+        if nq > 1:
+            raise QuantpipeError("batch-invariant attention: a generation step of several tokens after a cache is not supported")
+        nblocks = -(-nk // kb)
+        offsets = [nk - nblocks * kb] * b
+    else:  # blocks from each row's first key: the first one its last query attends (left padding skipped)
+        offsets = allowed[:, -1].to(torch.int8).argmax(-1).tolist()
+        nblocks = -(-(nk - min(offsets)) // kb)
+    width = nblocks * kb
+    keys = _align(key, offsets, width).view(b * hk, nblocks, kb, d)
+    values = _align(value, offsets, width, extra=VALUE_PAD).view(b * hk, nblocks, kb, dv + VALUE_PAD)  # column dv: ones
+    allowed = _align(allowed.transpose(1, 2), offsets, width, fill=False).transpose(1, 2)  # [b, q, width]
+    rows = g * nq  # per (batch row, kv head): its query heads' rows, position-major (a tile spans few positions)
+    q = query.reshape(b, hk, g, nq, d).transpose(2, 3).reshape(b * hk, rows, d)
+    out = query.new_empty(b * hk, rows, dv)
+    for a, t in _attention_tiles(rows):
+        n = min(t, rows - a)
+        mask = allowed[:, torch.arange(a, a + t, device=dev).clamp_(max=rows - 1) // g].view(b, t, nblocks, kb)
+        live = mask.any(dim=3).any(dim=1).any(dim=0).nonzero().flatten().tolist()
+        if not live:
+            out[:, a : a + n] = 0
+            continue
+        j0, j1 = live[0], live[-1] + 1  # blocks outside no row of the tile attends: they would add zeros
+        nb = j1 - j0
+        # every (head, block) pair is one fixed-shape GEMM of the batch: [t, d] x [d, kb], then [t, kb] x [kb, dv + pad]
+        qa = q[:, a : a + t] if n == t else torch.cat([q[:, a:], q.new_zeros(b * hk, t - n, d)], 1)
+        qa = qa[:, None].expand(b * hk, nb, t, d).reshape(b * hk * nb, t, d)
+        s = torch.bmm(qa, keys[:, j0:j1].reshape(b * hk * nb, kb, d).transpose(1, 2)).mul_(scaling).view(b, hk, nb, t, kb)
+        s.masked_fill_(~mask[:, :, j0:j1].permute(0, 2, 1, 3)[:, None], float("-inf"))
+        p = torch.exp(s.sub_(s.amax(dim=(2, 4), keepdim=True)))  # the exact max over all keys: no running rescale
+        pv = torch.bmm(p.view(b * hk * nb, t, kb), values[:, j0:j1].reshape(b * hk * nb, kb, dv + VALUE_PAD)).view(b * hk, nb, t, -1)
+        acc = pv[:, 0].clone()
+        for i in range(1, nb):  # blocks added in order
+            acc.add_(pv[:, i])
+        out[:, a : a + n] = (acc[:, :n, :dv] / acc[:, :n, dv : dv + 1]).nan_to_num_(0.0)  # a fully masked row: 0
+    return out.view(b, hk, nq, g, dv).permute(0, 2, 1, 3, 4).reshape(b, nq, h, dv), None
+
+
+AttentionInterface.register("f32_invariant", f32_attention)
+AttentionMaskInterface.register("f32_invariant", sdpa_mask)
+
+
+class _Generating:
+    """`model.generate` run with _GENERATING set."""
+
+    def __init__(self, generate):
+        self.generate = generate
+
+    def __call__(self, *args, **kwargs):
+        token = _GENERATING.set(True)
+        try:
+            return self.generate(*args, **kwargs)
+        finally:
+            _GENERATING.reset(token)
+
+
+def attention_is_invariant(heads: int, kv_heads: int, head_dim: int, attention=f32_attention) -> bool:
+    """Whether `attention` gives a request's queries the same bits alone (batch size 1, one causal
+    pass; in generation, its prompt and then one step at a time) as in a batch of 8 beside other
+    rows: after a shared prefix's cache with right padding, and left-padded in generation; here
+    (this BLAS, this thread count), on these head shapes."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen).mul_(scale)
+
+    class Module:  # what attention functions read from the attention module
+        is_causal, num_key_value_groups = True, heads // kv_heads
+
+    mod, n, bsz, r = Module(), 300, 8, 5
+    q, k, v = rnd(1, heads, n, head_dim), rnd(1, kv_heads, n, head_dim, scale=3.0), rnd(1, kv_heads, n, head_dim)
+    alone = attention(mod, q, k, v, None)[0]
+    # the same request as a suffix of 130, 6 and 1 tokens (query rows in tiles of every size) after
+    # a shared prefix's cache, row 5 of 8, right padded to 200
+    for pre in (170, 294, 299):
+        width = 200
+        qs, ks, vs = rnd(bsz, heads, width, head_dim), rnd(bsz, kv_heads, pre + width, head_dim), rnd(bsz, kv_heads, pre + width, head_dim)
+        ks[:, :, :pre], vs[:, :, :pre] = k[:, :, :pre], v[:, :, :pre]
+        qs[r, :, : n - pre], ks[r, :, pre:n], vs[r, :, pre:n] = q[0, :, pre:], k[0, :, pre:], v[0, :, pre:]
+        lengths = torch.full((bsz,), pre + width)
+        lengths[r] = n
+        keys = torch.arange(pre + width)
+        mask = (keys <= torch.arange(pre, pre + width)[:, None])[None] & (keys < lengths[:, None, None])
+        if not torch.equal(attention(mod, qs, ks, vs, mask[:, None])[0][r, : n - pre], alone[0, pre:]):
+            return False
+    # generation: a 250-token prompt, then 50 steps; batched with left padding (`first`: each row's first real token)
+    prompt, first = 250, torch.tensor([0, 3, 11, 0, 130, 37, 1, 0])
+    o = int(first[r])
+    p0 = prompt + o
+    token = _GENERATING.set(True)
+    try:
+        steps = [attention(mod, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], None)[0][0]]
+        steps += [attention(mod, q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1], None)[0][0] for i in range(prompt, n)]
+        total = p0 + n - prompt
+        qb, kb_, vb = rnd(bsz, heads, p0, head_dim), rnd(bsz, kv_heads, total, head_dim), rnd(bsz, kv_heads, total, head_dim)
+        qb[r, :, o:], kb_[r, :, o : o + n], vb[r, :, o : o + n] = q[0, :, :prompt], k[0], v[0]
+        positions = torch.arange(total)
+
+        def left_mask(nq, nk):
+            return ((positions[:nk] <= torch.arange(nk - nq, nk)[:, None])[None] & (positions[:nk] >= first[:, None, None]))[:, None]
+
+        got = [attention(mod, qb, kb_[:, :, :p0], vb[:, :, :p0], left_mask(p0, p0))[0][r, o:]]
+        for i in range(prompt, n):
+            j = p0 + i - prompt
+            qi = q[:, :, i : i + 1].expand(bsz, -1, -1, -1).contiguous()
+            got.append(attention(mod, qi, kb_[:, :, : j + 1], vb[:, :, : j + 1], left_mask(1, j + 1))[0][r])
+    finally:
+        _GENERATING.reset(token)
+    return all(torch.equal(a, b) for a, b in zip(steps, got))
+
 
 def _fp64_head(head: torch.nn.Linear):
     """The LM head in float64, rounded once; the weight is converted HEAD_BLOCK vocabulary rows at a
@@ -302,8 +501,25 @@ def install(model, tiles: bool | None = None) -> str:
     for name, m in linears:
         m.weight = torch.nn.Parameter(codes[name], requires_grad=False)  # the codes replace the decompressed weight (same size)
         m.forward = _FP8Forward(m, m.weight_scale.data.float(), tiles)
-    model.set_attn_implementation("fp64_invariant")
+    f32 = tiles and _f32_attention_applies(model)
+    model.set_attn_implementation("f32_invariant" if f32 else "fp64_invariant")
+    if f32:
+        model.generate = _Generating(model.generate)
     if head is not None:
         head.forward = _tiled_head(head) if tiles else _fp64_head(head)
     how = f"float32 in fixed {'/'.join(map(str, TILES))}-row GEMM tiles (checked invariant at load)" if tiles else "exact in float64"
-    return f"batch-invariant: {len(linears)} FP8 Linear layers and the LM head {how}, attention in float64"
+    att = f"float32 in {KEY_BLOCK}-key blocks (checked invariant at load)" if f32 else "in float64"
+    return f"batch-invariant: {len(linears)} FP8 Linear layers and the LM head {how}, attention {att}"
+
+
+def _f32_attention_applies(model) -> bool:
+    """Whether `f32_attention` can serve this model here: every layer attends to all earlier keys
+    (its blocks are placed by key index, which a sliding-window cache shifts) and the load check
+    passes on the model's head shapes."""
+    cfg = model.config.get_text_config()
+    if getattr(cfg, "sliding_window", None) or any("sliding" in str(t) for t in getattr(cfg, "layer_types", None) or []):
+        return False
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return attention_is_invariant(heads, kv_heads, head_dim)
