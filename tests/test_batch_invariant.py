@@ -110,6 +110,54 @@ def test_the_load_time_check_refuses_arithmetic_that_depends_on_the_other_rows()
     assert bi.tiles_are_invariant(wt, lambda x, w: (x.double() @ w.double()).float())
 
 
+def test_the_attention_load_check_passes_fp32_blocks_and_float64_and_refuses_sdpa():
+    """attention_is_invariant (what install runs at load) refuses transformers' SDPA attention,
+    whose blocking follows the number of queries and keys, passes the float64 path, and passes
+    f32_attention where this BLAS computes fixed-shape GEMM rows alike; f32_attention is the
+    float64 value up to float32 rounding, on a causal pass, a padded suffix after cached keys and
+    a fully masked (padding) query, which gets zeros, not NaN."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert not bi.attention_is_invariant(9, 3, 64, attention=sdpa_attention_forward)
+    assert bi.attention_is_invariant(9, 3, 64, attention=bi.fp64_attention)
+    if not bi.attention_is_invariant(9, 3, 64):
+        pytest.skip("this machine's BLAS failed the attention check: install uses float64 attention here")
+    assert bi.attention_is_invariant(16, 4, 32) and bi.attention_is_invariant(4, 4, 16)
+
+    class Module:
+        is_causal, num_key_value_groups = True, 3
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, n, 64, generator=gen) for h, n in ((9, 300), (3, 300), (3, 300)))
+    got, want = bi.f32_attention(Module(), q, k, v, None)[0], bi.fp64_attention(Module(), q, k, v, None)[0]
+    assert (got - want).abs().max() < 1e-5 and not torch.equal(got, want)
+    # 40 new queries after 260 cached keys, row 1 right-padded to 25 tokens; its query 30 is padding
+    keys = torch.arange(300)
+    mask = (keys <= torch.arange(260, 300)[:, None])[None] & (keys < torch.tensor([300, 285])[:, None, None])
+    mask[1, 30] = False
+    got = bi.f32_attention(Module(), q[:, :, 260:], k, v, mask[:, None])[0]
+    want = bi.fp64_attention(Module(), q[:, :, 260:], k, v, mask[:, None])[0]
+    assert (got - want).abs().max() < 1e-5 and torch.equal(got[1, 30], torch.zeros_like(got[1, 30]))
+
+
+def test_q_k_v_share_one_quantized_input_until_it_changes(fp8_artifact):
+    """Projections that read the same tensor (q/k/v, gate/up) get the codes computed once; an
+    in-place change or another tensor is quantized again, and the codes are always
+    _quantize_input's."""
+    model = _load(fp8_artifact)
+    bi.install(model, tiles=False)
+    args = bi.quantized_linears(model)[0][1].quantization_scheme.input_activations
+    x = torch.randn(2, 5, 64)
+    first = bi._shared_input(x, args, None)
+    assert bi._shared_input(x, args, None) is first
+    for a, b in zip(first, bi._quantize_input(x, args, None)):
+        assert torch.equal(a, b)
+    x.mul_(3)
+    again = bi._shared_input(x, args, None)
+    assert again is not first and torch.equal(again[1], bi._quantize_input(x, args, None)[1]) and not torch.equal(again[1], first[1])
+    assert bi._shared_input(x.clone(), args, None) is not again
+
+
 def _requests():
     """MMLU-like: one long shared preamble, several questions with several continuations each, a
     request sharing nothing, and one left-truncated to max_length."""
