@@ -75,8 +75,8 @@ def _rows_alone_beside_others_and_padded(lin, x, gen):
 @pytest.mark.slow
 def test_fp8_linear_in_float32_tiles_is_independent_of_the_batch(fp8_artifact):
     """Where the load-time check passes (a CPU BLAS that sums each row of a fixed-shape call in one
-    order), the float32 path gives each row the same bits in any batch, and is the exact value up
-    to float32 summation error; the check is what install uses by default on a CPU."""
+    order), the float32 path gives each row the same bits in any batch, and is the exact product
+    of stock's operands up to float32 summation error; the check is what install uses by default on a CPU."""
     model = _load(fp8_artifact)
     how = bi.install(model)
     if "float32" not in how:
@@ -86,7 +86,9 @@ def test_fp8_linear_in_float32_tiles_is_independent_of_the_batch(fp8_artifact):
     x = torch.randn(4, 9, lin.in_features, generator=gen) * torch.logspace(-3, 2, 9)[None, :, None]
     y = _rows_alone_beside_others_and_padded(lin, x, gen)
     codes, scale = bi._quantize_input(x, lin.quantization_scheme.input_activations, None)
-    exact = ((codes.double() @ lin.weight.double().T) * scale.double() * lin.weight_scale.double().reshape(-1)).float()
+    # the tiles multiply stock's operands: the fake-quantized input by the decompressed weight (codes x scales)
+    assert torch.equal(bi._fp8_codes(lin.weight / lin.weight_scale) * lin.weight_scale, lin.weight)
+    exact = ((codes * scale).double() @ lin.weight.double().T).float()
     assert ((y - exact).abs().amax(-1) <= 1e-5 * exact.abs().amax(-1)).all() and not torch.equal(y, exact)
 
 

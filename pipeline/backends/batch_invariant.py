@@ -11,20 +11,21 @@ a 1e-7 difference that moves a value across an FP8 rounding step becomes a visib
 and it grows through the layers.
 
 What this does instead:
-- **Linear layers on FP8 codes, in one summation order per row.** The input's FP8 codes and
-  scales are computed exactly as compressed-tensors computes them (`_quantize_input`; per-token
-  scales read only the token's own row) and multiplied with the checkpoint's FP8 weight codes;
-  y = (acc * s_x * s_w) + bias. The accumulator `acc` is made independent of the batch one of two
-  ways, picked once per load (`install`):
-  - **float32 in fixed-shape tiles** (CPU, where the load-time probe confirms it): every GEMM
-    call is [t, K] x [K, <= COL_BLOCK] with t one of TILES (the last row tile zero-padded), so the
-    BLAS runs one of a few fixed kernels and blockings whatever the batch, padded length or
-    prefix split; where each sums a row in the same order, a row's bits depend on that row
-    alone. That is a property of the BLAS, not a proof, so `tiles_are_invariant` checks it on
-    every call shape at load (each row alone vs at many positions of every tile size beside
-    other rows) and the float64 path is used where it fails.
-  - **exactly, in float64**: an FP8 e4m3 value is a multiple of 2^-9 of magnitude <= 448, so a
-    product of two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
+- **Linear layers in one summation order per row.** The input's FP8 codes and scales are
+  computed exactly as compressed-tensors computes them (`_quantize_input`; per-token scales read
+  only the token's own row), once per input tensor (q/k/v and gate/up read the same one). The
+  product is made independent of the batch one of two ways, picked once per load (`install`):
+  - **float32 in fixed-shape tiles** (CPU, where the load-time probe confirms it): stock's own
+    product, fake-quantized input (codes x scale) times the decompressed weight (codes x scale),
+    but every GEMM call is [t, K] x [K, <= COL_BLOCK] with t one of TILES (the last row tile
+    zero-padded), so the BLAS runs one of a few fixed kernels and blockings whatever the batch,
+    padded length or prefix split; where each sums a row in the same order, a row's bits depend
+    on that row alone. That is a property of the BLAS, not a proof, so `tiles_are_invariant`
+    checks it on every call shape at load (each row alone vs at many positions of every tile
+    size beside other rows) and the float64 path is used where it fails.
+  - **exactly, in float64**, on the codes: y = (acc * s_x * s_w) + bias, where acc sums products
+    of FP8 codes. An FP8 e4m3 value is a multiple of 2^-9 of magnitude <= 448, so a product of
+    two FP8 codes is a multiple of 2^-18 below 2^18 and a dot product of K <= 2^16 such
     products is a multiple of 2^-18 below 2^52: float64 accumulates it exactly, in any order
     (about twice float32's cost on a CPU; the path on GPUs, checked on an H200).
 - **Attention** one of two ways, picked with the Linear path:
@@ -100,9 +101,9 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
         dims = tuple(range(2, x.ndim))
         scale = (x.abs().amax(dim=dims, keepdim=True) if dims else x.abs().amax()) / torch.tensor(FP8_MAX, dtype=x.dtype)
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
-    else:
-        scale = static_scale
-    return _fp8_codes(x / scale), scale
+        # |x / scale| <= 448 up to one rounding, and torch's float8 cast saturates: the clamp is a no-op
+        return (x / scale).to(torch.float8_e4m3fn).to(x.dtype), scale
+    return _fp8_codes(x / static_scale), static_scale
 
 
 def _tiles(m: int):
@@ -151,44 +152,48 @@ def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
     return all(torch.equal(mm(x[rows], wt), alone[rows]) for rows in arrangements)
 
 
-# The last input quantized with a dynamic scale, and its codes: q/k/v projections (and gate/up)
-# read the same tensor, which is then quantized once. Held strongly, so its id is not reused.
-_LAST_INPUT: list = [None, -1, None]
+# The last input quantized with a dynamic scale, and what was made of it: q/k/v projections (and
+# gate/up) read the same tensor, which is then quantized once. Held strongly, so its id is not reused.
+_LAST_INPUT: list = [None, -1, None, None]
 
 
-def _shared_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_quantize_input`, reusing the codes of the previous call when it quantized this very tensor
-    (same object, unchanged since) with a dynamic scale, which depends on x alone."""
+def _shared_input(x: torch.Tensor, args, static_scale: torch.Tensor | None, fake_quant: bool = False):
+    """`_quantize_input` (codes, scale), or with `fake_quant` codes x scale (compressed-tensors'
+    fake-quantized input), reusing the previous call's result when it was made from this very
+    tensor (same object, unchanged since) with a dynamic scale, which depends on x alone."""
     if not args.dynamic:
-        return _quantize_input(x, args, static_scale)
-    last, version, out = _LAST_INPUT
-    if last is x and version == x._version:
+        q, s = _quantize_input(x, args, static_scale)
+        return q * s if fake_quant else (q, s)
+    last, version, kind, out = _LAST_INPUT
+    if last is x and version == x._version and kind == fake_quant:
         return out
-    out = _quantize_input(x, args, static_scale)
-    _LAST_INPUT[:] = [x, x._version, out]
+    q, s = _quantize_input(x, args, static_scale)
+    out = q.mul_(s) if fake_quant else (q, s)
+    _LAST_INPUT[:] = [x, x._version, fake_quant, out]
     return out
 
 
 class _FP8Forward:
-    """A compressed-tensors FP8 Linear's forward on FP8 codes, batch-invariant (module docstring):
-    float32 tiles when `tiles`, else exact in float64."""
+    """A compressed-tensors FP8 Linear's forward, batch-invariant (module docstring): on the float32
+    tiles path stock's product (fake-quantized input x decompressed weight, in `mm_tiles`); on the
+    float64 path exact, on the FP8 codes."""
 
-    def __init__(self, module: torch.nn.Linear, scale: torch.Tensor, tiles: bool):  # module.weight holds the FP8 codes (install)
+    def __init__(self, module: torch.nn.Linear, scale: torch.Tensor, tiles: bool):  # float64: module.weight holds the codes (install)
         self.module, self.tiles = module, tiles
         self.threads = torch.get_num_threads()  # what the tiles were checked with
         self.args = module.quantization_scheme.input_activations
-        self.out_scale = scale.reshape(-1) if tiles else scale.reshape(-1).double()  # per output channel, or one per tensor
+        self.out_scale = scale.reshape(-1).double()  # per output channel, or one per tensor
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        q, s = _shared_input(x, self.args, getattr(m, "input_scale", None))
-        s = s if s.ndim == x.ndim else s.reshape(1)
         if self.tiles:
             if (now := torch.get_num_threads()) != self.threads:  # another thread count may block the sums otherwise
                 raise QuantpipeError(f"batch-invariant FP8: torch's threads went from {self.threads} to {now} after the load check; reload")
-            acc = mm_tiles(q.reshape(-1, q.shape[-1]), m.weight.T).reshape(*q.shape[:-1], -1)
-            y = (acc * s * self.out_scale).to(x.dtype)
+            xq = _shared_input(x, self.args, getattr(m, "input_scale", None), fake_quant=True)
+            y = mm_tiles(xq.reshape(-1, xq.shape[-1]), m.weight.T).reshape(*xq.shape[:-1], -1).to(x.dtype)
         else:
+            q, s = _shared_input(x, self.args, getattr(m, "input_scale", None))
+            s = s if s.ndim == x.ndim else s.reshape(1)
             acc = q.double() @ m.weight.double().T  # exact (module docstring)
             y = (acc * s.double() * self.out_scale).to(x.dtype)
         return y if m.bias is None else y + m.bias
@@ -338,7 +343,7 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
     values = _align(value, offsets, width, extra=VALUE_PAD).view(b * hk, nblocks, kb, dv + VALUE_PAD)  # column dv: ones
     allowed = _align(allowed.transpose(1, 2), offsets, width, fill=False).transpose(1, 2)  # [b, q, width]
     rows = g * nq  # per (batch row, kv head): its query heads' rows, position-major (a tile spans few positions)
-    q = query.reshape(b, hk, g, nq, d).transpose(2, 3).reshape(b * hk, rows, d)
+    q = (query * scaling).reshape(b, hk, g, nq, d).transpose(2, 3).reshape(b * hk, rows, d)  # scaled once, before the GEMM
     out = query.new_empty(b * hk, rows, dv)
     for a, t in _attention_tiles(rows):
         n = min(t, rows - a)
@@ -352,7 +357,7 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
         # every (head, block) pair is one fixed-shape GEMM of the batch: [t, d] x [d, kb], then [t, kb] x [kb, dv + pad]
         qa = q[:, a : a + t] if n == t else torch.cat([q[:, a:], q.new_zeros(b * hk, t - n, d)], 1)
         qa = qa[:, None].expand(b * hk, nb, t, d).reshape(b * hk * nb, t, d)
-        s = torch.bmm(qa, keys[:, j0:j1].reshape(b * hk * nb, kb, d).transpose(1, 2)).mul_(scaling).view(b, hk, nb, t, kb)
+        s = torch.bmm(qa, keys[:, j0:j1].reshape(b * hk * nb, kb, d).transpose(1, 2)).view(b, hk, nb, t, kb)
         s.masked_fill_(~mask[:, :, j0:j1].permute(0, 2, 1, 3)[:, None], float("-inf"))
         p = torch.exp(s.sub_(s.amax(dim=(2, 4), keepdim=True)))  # the exact max over all keys: no running rescale
         pv = torch.bmm(p.view(b * hk * nb, t, kb), values[:, j0:j1].reshape(b * hk * nb, kb, dv + VALUE_PAD)).view(b * hk, nb, t, -1)
@@ -495,11 +500,13 @@ def install(model, tiles: bool | None = None) -> str:
     head = model.get_output_embeddings()
     head = head if isinstance(head, torch.nn.Linear) else None
     if tiles is None:
-        weights = [*codes.values(), *([head.weight] if head is not None else [])]
+        weights = [m.weight.data for _, m in linears] + ([head.weight] if head is not None else [])
         on_cpu = all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights)
         tiles = FLOAT32_TILES and on_cpu and all(tiles_are_invariant(wt) for wt in _call_shapes(weights))
     for name, m in linears:
-        m.weight = torch.nn.Parameter(codes[name], requires_grad=False)  # the codes replace the decompressed weight (same size)
+        # float64 multiplies the codes, the tiles codes x scales (the decompressed weight); same size
+        w = codes[name] if not tiles else codes[name] * m.weight_scale.data.float()
+        m.weight = torch.nn.Parameter(w, requires_grad=False)
         m.forward = _FP8Forward(m, m.weight_scale.data.float(), tiles)
     f32 = tiles and _f32_attention_applies(model)
     model.set_attn_implementation("f32_invariant" if f32 else "fp64_invariant")

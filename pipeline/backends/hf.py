@@ -148,7 +148,7 @@ class TransformersBackend(_TorchBackend):
     name = "transformers"
     formats = ("hf", "compressed-tensors")
     libraries = ("torch", "transformers", "compressed-tensors")
-    activation_kernel = "batch-invariant-fp8-3"  # batch_invariant.install; bump when what it computes changes
+    activation_kernel = "batch-invariant-fp8-4"  # batch_invariant.install; bump when what it computes changes
 
     def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
         from . import batch_invariant
