@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/time_to_table.py            # ~1 h on 2 CPU cores, first run builds the variants
     .venv/bin/python benchmarks/time_to_table.py --quick    # a 5-minute smoke of the same procedure
+    .venv/bin/python benchmarks/time_to_table.py --reuse-stock  # time quantpipe only, against the last run's route (a)
 
 (a) stock: lm-eval's CLI (`lm-eval run --model hf`) once per row, one process each, on the base
     and on each variant checkpoint that `quantpipe build` saved: what a user does by hand after

@@ -106,11 +106,11 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
     return _fp8_codes(x / static_scale), static_scale
 
 
-def _tiles(m: int):
+def _tiles(m: int, sizes: tuple[int, ...] = TILES):
     """(first row, tile size) covering m rows: the largest tiles that fit, then one padded smallest."""
     a = 0
     while a < m:
-        t = next((t for t in TILES if t <= m - a), TILES[-1])
+        t = next((t for t in sizes if t <= m - a), sizes[-1])
         yield a, t
         a += t
 
@@ -305,15 +305,6 @@ def _align(x: torch.Tensor, offsets: list[int], width: int, extra: int = 0, fill
     return out
 
 
-def _attention_tiles(m: int):
-    """`_tiles` with ATTENTION_TILES: a generation step has as few rows as query heads per key head."""
-    a = 0
-    while a < m:
-        t = next((t for t in ATTENTION_TILES if t <= m - a), ATTENTION_TILES[-1])
-        yield a, t
-        a += t
-
-
 def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None, **kwargs):
     """transformers attention (AttentionInterface) in float32, batch-invariant (module docstring).
     query [b, heads, q, d]; key, value [b, kv_heads, k, d]; attention_mask: sdpa's boolean mask
@@ -345,7 +336,7 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
     rows = g * nq  # per (batch row, kv head): its query heads' rows, position-major (a tile spans few positions)
     q = (query * scaling).reshape(b, hk, g, nq, d).transpose(2, 3).reshape(b * hk, rows, d)  # scaled once, before the GEMM
     out = query.new_empty(b * hk, rows, dv)
-    for a, t in _attention_tiles(rows):
+    for a, t in _tiles(rows, ATTENTION_TILES):  # a generation step has as few rows as query heads per key head
         n = min(t, rows - a)
         mask = allowed[:, torch.arange(a, a + t, device=dev).clamp_(max=rows - 1) // g].view(b, t, nblocks, kb)
         live = mask.any(dim=3).any(dim=1).any(dim=0).nonzero().flatten().tolist()
