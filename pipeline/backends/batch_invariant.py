@@ -78,9 +78,9 @@ COL_BLOCK = 4096
 # Keys per block of the float32 attention, and the zero columns that pad its value product
 # ([.., d + 1] with the ones column) to a width the GEMM kernels vectorize.
 KEY_BLOCK = 128
+VALUE_PAD = 16
 # Query rows per attention GEMM: TILES, and 4 for a generation step's few rows (query heads per key head).
 ATTENTION_TILES = (*TILES, 4)
-VALUE_PAD = 16
 # False: always the exact float64 path (tests compare both).
 FLOAT32_TILES = True
 
