@@ -85,9 +85,23 @@ ATTENTION_TILES = (*TILES, 4)
 FLOAT32_TILES = True
 
 
+_FP8_VALUES: dict = {}
+
+
+def _from_fp8(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes.to(dtype), on CPU by a lookup in a table of the 256 codes' values made by that same
+    cast (so the same bits): torch's float8 -> float32 cast there is scalar, about twice as slow."""
+    if codes.device.type != "cpu":
+        return codes.to(dtype)
+    table = _FP8_VALUES.get(dtype)
+    if table is None:
+        table = _FP8_VALUES[dtype] = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+    return torch.take(table, codes.view(torch.uint8).long())
+
+
 def _fp8_codes(x: torch.Tensor) -> torch.Tensor:
     """compressed-tensors' round_to_quantized_type for FP8: clamp to +-448, round to e4m3, back."""
-    return torch.clamp(x, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+    return _from_fp8(torch.clamp(x, -FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), x.dtype)
 
 
 def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +116,7 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
         scale = (x.abs().amax(dim=dims, keepdim=True) if dims else x.abs().amax()) / torch.tensor(FP8_MAX, dtype=x.dtype)
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
         # |x / scale| <= 448 up to one rounding, and torch's float8 cast saturates: the clamp is a no-op
-        return (x / scale).to(torch.float8_e4m3fn).to(x.dtype), scale
+        return _from_fp8((x / scale).to(torch.float8_e4m3fn), x.dtype), scale
     return _fp8_codes(x / static_scale), static_scale
 
 
@@ -350,7 +364,7 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
         qa = qa[:, None].expand(b * hk, nb, t, d).reshape(b * hk * nb, t, d)
         s = torch.bmm(qa, keys[:, j0:j1].reshape(b * hk * nb, kb, d).transpose(1, 2)).view(b, hk, nb, t, kb)
         s.masked_fill_(~mask[:, :, j0:j1].permute(0, 2, 1, 3)[:, None], float("-inf"))
-        p = torch.exp(s.sub_(s.amax(dim=(2, 4), keepdim=True)))  # the exact max over all keys: no running rescale
+        p = s.sub_(s.amax(dim=(2, 4), keepdim=True)).exp_()  # the exact max over all keys: no running rescale
         pv = torch.bmm(p.view(b * hk * nb, t, kb), values[:, j0:j1].reshape(b * hk * nb, kb, dv + VALUE_PAD)).view(b * hk, nb, t, -1)
         acc = pv[:, 0].clone()
         for i in range(1, nb):  # blocks added in order
