@@ -145,7 +145,7 @@ def test_the_attention_load_check_passes_fp32_blocks_and_float64_and_refuses_sdp
 def test_q_k_v_share_one_quantized_input_until_it_changes(fp8_artifact):
     """Projections that read the same tensor (q/k/v, gate/up) get the codes computed once; an
     in-place change or another tensor is quantized again, and the codes are always
-    _quantize_input's."""
+    _quantize_input's. The memo is dropped with its input, so no activation outlives a forward."""
     model = _load(fp8_artifact)
     bi.install(model, tiles=False)
     args = bi.quantized_linears(model)[0][1].quantization_scheme.input_activations
@@ -158,6 +158,11 @@ def test_q_k_v_share_one_quantized_input_until_it_changes(fp8_artifact):
     again = bi._shared_input(x, args, None)
     assert again is not first and torch.equal(again[1], bi._quantize_input(x, args, None)[1]) and not torch.equal(again[1], first[1])
     assert bi._shared_input(x.clone(), args, None) is not again
+    y = torch.randn(3, 4, 64)
+    bi._shared_input(y, args, None)
+    assert bi._LAST_INPUT[3] is not None
+    del y
+    assert bi._LAST_INPUT == [None, -1, None, None]
 
 
 def _requests():

@@ -57,6 +57,7 @@ What this does instead:
 from __future__ import annotations
 
 import contextvars
+import weakref
 
 import torch
 from transformers import AttentionInterface
@@ -167,8 +168,14 @@ def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
 
 
 # The last input quantized with a dynamic scale, and what was made of it: q/k/v projections (and
-# gate/up) read the same tensor, which is then quantized once. Held strongly, so its id is not reused.
+# gate/up) read the same tensor, which is then quantized once. A weak reference: the entry goes
+# when the input does (a weakref's target is alive, so its id cannot have been reused).
 _LAST_INPUT: list = [None, -1, None, None]
+
+
+def _forget(ref) -> None:
+    if _LAST_INPUT[0] is ref:
+        _LAST_INPUT[:] = [None, -1, None, None]
 
 
 def _shared_input(x: torch.Tensor, args, static_scale: torch.Tensor | None, fake_quant: bool = False):
@@ -178,12 +185,12 @@ def _shared_input(x: torch.Tensor, args, static_scale: torch.Tensor | None, fake
     if not args.dynamic:
         q, s = _quantize_input(x, args, static_scale)
         return q * s if fake_quant else (q, s)
-    last, version, kind, out = _LAST_INPUT
-    if last is x and version == x._version and kind == fake_quant:
+    ref, version, kind, out = _LAST_INPUT
+    if ref is not None and ref() is x and version == x._version and kind == fake_quant:
         return out
     q, s = _quantize_input(x, args, static_scale)
     out = q.mul_(s) if fake_quant else (q, s)
-    _LAST_INPUT[:] = [x, x._version, fake_quant, out]
+    _LAST_INPUT[:] = [weakref.ref(x, _forget), x._version, fake_quant, out]
     return out
 
 
