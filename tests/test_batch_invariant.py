@@ -259,3 +259,15 @@ def test_lm_head_in_vocabulary_blocks_equals_the_whole_float64_head():
     x = torch.randn(17, 64)
     want = (x.double() @ head.weight.double().T).float()
     assert torch.equal(bi._fp64_head(head)(x), want)
+
+
+def test_fp8_table_lookup_gives_the_casts_bits():
+    """_from_fp8 (a table lookup on CPU) returns exactly what torch's float8 cast returns, for all
+    256 codes (NaN codes and signed zeros included) and in the input's shape."""
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        got, want = bi._from_fp8(codes, dtype), codes.to(dtype)
+        assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()) and torch.equal(got.signbit(), want.signbit())
+        assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    x = (torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(bi._from_fp8(x, torch.float32), x.float())
