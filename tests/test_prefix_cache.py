@@ -112,6 +112,26 @@ def test_loglikelihoods_match_stock_hflm_with_fewer_tokens_run(tiny_lms):
     assert ours_tokens.positions < 0.5 * stock_tokens.positions
 
 
+def test_packed_suffixes_read_what_padded_batches_read_from_fewer_positions(tiny_lms, monkeypatch):
+    from pipeline.backends import prefix_cache
+
+    stock, ours, model = tiny_lms
+    assert ours.packing  # the load-time check passed for this llama
+    reqs = _requests()
+    # suffixes of very different lengths: padding would run every row to the longest
+    reqs += [type(reqs[0])("loglikelihood", {}, (reqs[0].args[0] + " x" * n, " y"), idx=len(reqs) + n) for n in (1, 30)]
+    want = stock.loglikelihood(reqs)
+    with _Count(model.model) as packed:
+        got = ours.loglikelihood(reqs)
+    monkeypatch.setattr(prefix_cache, "PACK_TOKENS", 0)  # never pays: padded batches
+    with _Count(model.model) as padded:
+        unpacked = ours.loglikelihood(reqs)
+    _assert_same_answers(got, want)
+    _assert_same_answers(unpacked, want)
+    assert packed.positions < padded.positions
+    assert any(a != b for a, b in zip(got, unpacked))  # the packed path did run (float rounding differs)
+
+
 def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_read(tiny_model, tiny_lms, monkeypatch):
     """share_prefixes=False (rows with run-time activation rounding, runtime KV patches) keeps
     stock's batches and inputs exactly, and its answers bit for bit; only the LM head is applied

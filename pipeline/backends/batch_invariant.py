@@ -64,6 +64,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import QuantpipeError
+from .prefix_cache import full_attention_only
 
 FP8_MAX = 448.0
 # Query rows per float64 attention call: bounds the [batch, heads, rows, keys] score matrix.
@@ -535,9 +536,9 @@ def _f32_attention_applies(model) -> bool:
     """Whether `f32_attention` can serve this model here: every layer attends to all earlier keys
     (its blocks are placed by key index, which a sliding-window cache shifts) and the load check
     passes on the model's head shapes."""
-    cfg = model.config.get_text_config()
-    if getattr(cfg, "sliding_window", None) or any("sliding" in str(t) for t in getattr(cfg, "layer_types", None) or []):
+    if not full_attention_only(model):
         return False
+    cfg = model.config.get_text_config()
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

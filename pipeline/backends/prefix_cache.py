@@ -6,9 +6,14 @@ dev examples, TruthfulQA's six-question preamble (and each question again for ea
 answers). Stock HFLM runs the whole prompt for every request and applies the LM head to every
 position. Here, as vLLM's prefix caching does, requests are sorted by token sequence, those that
 share a prefix are grouped, the prefix is run once and its key/value cache is reused for each
-request's remaining tokens, batched by length. Request inputs, truncation and the returned
-(log-prob, is-greedy) pairs are exactly stock HFLM's; only the floating-point summation order
-differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
+request's remaining tokens, batched by length. A batch of suffixes after a prefix runs as one
+packed row where that costs fewer FLOPs than padding every suffix to the longest (MMLU's five
+questions per subject: a third of the padded positions were padding): each token keeps its own
+position id and a custom mask lets it attend the prefix and its own suffix only. Packing needs
+sdpa attention and is checked at load against padded batches (`_packing_works`); rows with
+batch-invariant attention (FP8) keep padded batches, whose key blocks are placed per row.
+Request inputs, truncation and the returned (log-prob, is-greedy) pairs are exactly stock HFLM's;
+only the floating-point summation order differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
 `share_prefixes=False`: stock lm-eval's batches, order and padding exactly, so their scores are
 stock's bit for bit. Rows with run-time activation quantization (FP8-dynamic), where summation
 order would show through the 8-bit rounding, are made batch-invariant first (batch_invariant.py)
@@ -71,6 +76,8 @@ LOGITS_CHUNK_BYTES = 64 << 20
 # takes kernels with another summation order (measured, AVX-512), so fewer rows would not
 # reproduce stock's values, which come from the head applied to a whole batch at once.
 MIN_HEAD_ROWS = 16
+# Most suffix tokens packed into one row (its [tokens, prefix + tokens] mask is built whole).
+PACK_TOKENS = 4096
 
 
 # -- LM head, bounded ------------------------------------------------------------------------------
@@ -170,6 +177,12 @@ def hf_next_token_logprobs(model, ids: list[int], chunk: int | None = None, dtyp
             model(torch.tensor([ids], device=model.device), use_cache=False)
         for _, logp in head_logprobs(model, seen[0][0, :-1], dtype=dtype, rows=chunk):
             yield logp
+
+
+def full_attention_only(model) -> bool:
+    """Whether every layer attends to all earlier keys (no sliding-window layer)."""
+    cfg = model.config.get_text_config()
+    return not getattr(cfg, "sliding_window", None) and not any("sliding" in str(t) for t in getattr(cfg, "layer_types", None) or [])
 
 
 def _common_prefix(a: tuple, b: tuple) -> int:
@@ -361,6 +374,22 @@ class PrefixCachingHFLM(HFLM):
             self.model.set_attn_implementation("sdpa_gqa")
         if self.causal:
             check_head(self.model)
+        # suffixes packed into one row (PACK_TOKENS): with a custom 4D mask, which sdpa takes as given
+        self.packing = False
+        # (not with sliding-window layers: the custom mask would replace their window mask, and the
+        # load check's few tokens stay inside any real window)
+        attn = getattr(self.model.config, "_attn_implementation", None)
+        if self.prefix_caching and attn in ("sdpa", "sdpa_gqa") and full_attention_only(self.model):
+            cfg = self.model.config.get_text_config()
+            layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            embeddings = sum(p.numel() for p in self.model.get_input_embeddings().parameters())
+            weights = sum(p.numel() for p in self.model.parameters()) - embeddings
+            self._flops = (2 * weights, 4 * layers * heads * head_dim)  # per token; per query-key pair (QK^T, AV)
+            try:
+                self.packing = self._packing_works()
+            except Exception:  # noqa: BLE001 - a model that refuses position_ids or a 4D mask: keep padded batches
+                self.packing = False
         if self.causal and str(self.batch_size).startswith("auto"):
             from ..memory import memory_available_bytes, resident_bytes
 
@@ -495,11 +524,16 @@ class PrefixCachingHFLM(HFLM):
             out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
         return out.past_key_values
 
-    def _suffix_hidden(self, seqs, starts, prefix_len: int, cache) -> tuple[torch.Tensor, int]:
+    def _suffix_hidden(self, seqs, starts, prefix_len: int, cache, pack: bool | None = None) -> tuple[torch.Tensor, int]:
         """LM-head inputs [batch, positions, hidden] from the earliest start to the end of the longest
-        suffix, run after the shared prefix; and that earliest start, relative to the suffix."""
+        suffix, run after the shared prefix; and that earliest start, relative to the suffix.
+        pack None: packed into one row where that costs less than padding (`_packing_pays`)."""
         suffixes = [s[prefix_len:] for s in seqs]
         width = max(len(s) for s in suffixes)
+        if pack is None:
+            pack = self.packing and cache is not None and self._packing_pays([len(s) for s in suffixes], prefix_len)
+        if pack:
+            return self._packed_hidden(suffixes, min(st - prefix_len for st in starts), prefix_len, cache)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right padding: causal, so inert
         for r, s in enumerate(suffixes):
             ids[r, : len(s)] = torch.tensor(s)
@@ -517,3 +551,55 @@ class PrefixCachingHFLM(HFLM):
                 logits_to_keep=torch.arange(first, width, device=self.device),
             )
         return seen[0], first
+
+    def _packing_pays(self, lengths: list[int], prefix_len: int) -> bool:
+        """Whether one packed row of these suffixes costs fewer FLOPs than the padded batch: padding
+        runs every row to the longest suffix; packing runs only real tokens, but each attends the
+        other suffixes' keys too (masked, still computed)."""
+        n, width, total = len(lengths), max(lengths), sum(lengths)
+        if n < 2 or total > PACK_TOKENS:
+            return False
+        per_token, per_pair = self._flops
+        padded = n * width * (per_token + (prefix_len + width) * per_pair)
+        return total * (per_token + (prefix_len + total) * per_pair) < padded
+
+    def _packed_hidden(self, suffixes: list[tuple], first: int, prefix_len: int, cache) -> tuple[torch.Tensor, int]:
+        """`_suffix_hidden` with the suffixes run as one row after the prefix: each token at its own
+        position (prefix_len + its index in its suffix), attending the prefix and the tokens of its
+        own suffix up to itself; the result is laid out as the padded batch's would be."""
+        lengths = [len(s) for s in suffixes]
+        total, width = sum(lengths), max(lengths)
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        local = torch.cat([torch.arange(n) for n in lengths])
+        own = (segment[:, None] == segment[None, :]) & (local[None, :] <= local[:, None])
+        mask = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), own], 1)[None, None]
+        keep = (local >= first).nonzero().flatten()  # the positions read: from the earliest start on
+        ids = torch.tensor([[t for s in suffixes for t in s]])
+        with torch.no_grad(), self._autocast(), _head_inputs(self.model) as seen:
+            self.model(
+                ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=(local + prefix_len)[None].to(self.device),
+                past_key_values=copy.deepcopy(cache),
+                use_cache=True,
+                logits_to_keep=keep.to(self.device),
+            )
+        hidden = seen[0][0]
+        out = hidden.new_zeros(len(lengths), width - first, hidden.shape[-1])
+        out[segment[keep].to(hidden.device), (local[keep] - first).to(hidden.device)] = hidden
+        return out, first
+
+    def _packing_works(self) -> bool:
+        """Packed suffixes give this model the padded batch's hidden states up to float rounding (a
+        model that ignores position_ids or a custom mask, e.g. with sliding-window layers, does not):
+        two suffixes after a 40-token prefix, both ways."""
+        gen = torch.Generator().manual_seed(0)
+        vocab = self.model.config.get_text_config().vocab_size
+        seqs = [tuple(torch.randint(vocab, (n,), generator=gen).tolist()) for n in (47, 44)]
+        seqs[1] = seqs[0][:40] + seqs[1][40:]
+        cache = self._prefix_cache(seqs[0][:40])
+        padded, _ = self._suffix_hidden(seqs, [40, 40], 40, cache, pack=False)
+        packed, _ = self._suffix_hidden(seqs, [40, 40], 40, cache, pack=True)
+        padded[1, 4:] = 0  # the padding positions, which packing does not compute
+        scale = float(padded.abs().max())
+        return bool(torch.allclose(packed, padded, rtol=1e-4, atol=1e-5 * scale))
