@@ -194,10 +194,15 @@ def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_siz
     assert loaded.lm.prefix_caching and "batch-invariant" in loaded.evaluated_as
     assert tiles or "exact in float64" in loaded.evaluated_as
     assert ("attention float32" in loaded.evaluated_as) == ("float32 in fixed" in loaded.evaluated_as)  # with the tiles
+    # float32 attention takes packed suffixes (unpacked into the padded batch inside it)
+    assert loaded.lm.packing == ("attention float32" in loaded.evaluated_as)
+    packed, run_packed = [], type(loaded.lm)._packed_hidden
+    monkeypatch.setattr(type(loaded.lm), "_packed_hidden", lambda self, *a: packed.append(1) or run_packed(self, *a))
     model = loaded.lm.model
     kw = dict(pretrained=model, tokenizer=tok, device="cpu", max_length=256)
     want = HFLM(batch_size=1, **kw).loglikelihood(reqs)
     assert loaded.lm.loglikelihood(reqs) == want
+    assert bool(packed) == loaded.lm.packing
     assert HFLM(batch_size=8, **kw).loglikelihood(reqs) == want
     loaded.lm.batch_size_per_gpu = 8
     assert loaded.lm.loglikelihood(reqs) == want

@@ -64,7 +64,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import QuantpipeError
-from .prefix_cache import full_attention_only
+from .prefix_cache import PACKED_LENGTHS, full_attention_only
 
 FP8_MAX = 448.0
 # Query rows per float64 attention call: bounds the [batch, heads, rows, keys] score matrix.
@@ -333,6 +333,8 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
     [b, 1, q, k] (True: attend) or None for a causal pass."""
     if dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "softcap")):
         raise QuantpipeError(f"{type(module).__name__}: batch-invariant attention supports plain softmax attention only")
+    if (lengths := PACKED_LENGTHS.get()) is not None and not _GENERATING.get():
+        return _unpacked_attention(module, query, key, value, lengths, scaling)
     b, h, nq, d = query.shape
     hk, nk, dv = key.shape[1], key.shape[2], value.shape[-1]
     g, kb, dev = h // hk, KEY_BLOCK, query.device
@@ -379,6 +381,33 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
             acc.add_(pv[:, i])
         out[:, a : a + n] = (acc[:, :n, :dv] / acc[:, :n, dv : dv + 1]).nan_to_num_(0.0)  # a fully masked row: 0
     return out.view(b, hk, nq, g, dv).permute(0, 2, 1, 3, 4).reshape(b, nq, h, dv), None
+
+
+def _unpacked_attention(module, query, key, value, lengths: tuple[int, ...], scaling):
+    """`f32_attention` of suffixes packed into one row after a prefix (prefix_cache._packed_hidden):
+    run as the padded batch they replace, each suffix in its own row after the prefix's keys with
+    the causal mask the padded forward gets, so every key lands in the same block and every query
+    gets the same bits as there (the Linear layers around it are row-wise, so packing them is exact)."""
+    _, h, total, d = query.shape
+    hk, prefix, dv = key.shape[1], key.shape[2] - total, value.shape[-1]
+    n, width = len(lengths), max(lengths)
+    q = query.new_zeros(n, h, width, d)
+    k, v = key.new_zeros(n, hk, prefix + width, d), value.new_zeros(n, hk, prefix + width, dv)
+    k[:, :, :prefix], v[:, :, :prefix] = key[:, :, :prefix], value[:, :, :prefix]
+    a = 0
+    for r, m in enumerate(lengths):
+        q[r, :, :m] = query[0, :, a : a + m]
+        k[r, :, prefix : prefix + m] = key[0, :, prefix + a : prefix + a + m]
+        v[r, :, prefix : prefix + m] = value[0, :, prefix + a : prefix + a + m]
+        a += m
+    keys = torch.arange(prefix + width, device=query.device)
+    mask = (keys <= torch.arange(prefix, prefix + width, device=query.device)[:, None]).expand(n, 1, width, prefix + width)
+    token = PACKED_LENGTHS.set(None)
+    try:
+        out = f32_attention(module, q, k, v, mask, scaling=scaling)[0]  # [n, width, heads, dv]
+    finally:
+        PACKED_LENGTHS.reset(token)
+    return torch.cat([out[r, :m] for r, m in enumerate(lengths)])[None], None
 
 
 AttentionInterface.register("f32_invariant", f32_attention)

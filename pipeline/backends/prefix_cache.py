@@ -50,6 +50,7 @@ directly (`enable_gqa`) and returns bit-identical outputs (tested), so nothing e
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 import weakref
@@ -78,6 +79,12 @@ LOGITS_CHUNK_BYTES = 64 << 20
 MIN_HEAD_ROWS = 16
 # Most suffix tokens packed into one row (its [tokens, prefix + tokens] mask is built whole).
 PACK_TOKENS = 4096
+# Attention implementations that take packed suffixes: sdpa through the custom mask; the
+# batch-invariant float32 attention by unpacking them into the padded batch (PACKED_LENGTHS).
+PACKABLE = ("sdpa", "sdpa_gqa", "f32_invariant")
+# The suffix lengths of the packed row a forward runs (None: not packed), for attention functions
+# that place keys per request and so cannot take the custom mask as it is.
+PACKED_LENGTHS: contextvars.ContextVar = contextvars.ContextVar("quantpipe_packed_lengths", default=None)
 
 
 # -- LM head, bounded ------------------------------------------------------------------------------
@@ -379,7 +386,7 @@ class PrefixCachingHFLM(HFLM):
         # (not with sliding-window layers: the custom mask would replace their window mask, and the
         # load check's few tokens stay inside any real window)
         attn = getattr(self.model.config, "_attn_implementation", None)
-        if self.prefix_caching and attn in ("sdpa", "sdpa_gqa") and full_attention_only(self.model):
+        if self.prefix_caching and attn in PACKABLE and full_attention_only(self.model):
             cfg = self.model.config.get_text_config()
             layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -575,15 +582,19 @@ class PrefixCachingHFLM(HFLM):
         mask = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), own], 1)[None, None]
         keep = (local >= first).nonzero().flatten()  # the positions read: from the earliest start on
         ids = torch.tensor([[t for s in suffixes for t in s]])
-        with torch.no_grad(), self._autocast(), _head_inputs(self.model) as seen:
-            self.model(
-                ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=(local + prefix_len)[None].to(self.device),
-                past_key_values=copy.deepcopy(cache),
-                use_cache=True,
-                logits_to_keep=keep.to(self.device),
-            )
+        token = PACKED_LENGTHS.set(tuple(lengths))
+        try:
+            with torch.no_grad(), self._autocast(), _head_inputs(self.model) as seen:
+                self.model(
+                    ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=(local + prefix_len)[None].to(self.device),
+                    past_key_values=copy.deepcopy(cache),
+                    use_cache=True,
+                    logits_to_keep=keep.to(self.device),
+                )
+        finally:
+            PACKED_LENGTHS.reset(token)
         hidden = seen[0][0]
         out = hidden.new_zeros(len(lengths), width - first, hidden.shape[-1])
         out[segment[keep].to(hidden.device), (local[keep] - first).to(hidden.device)] = hidden
@@ -601,5 +612,7 @@ class PrefixCachingHFLM(HFLM):
         padded, _ = self._suffix_hidden(seqs, [40, 40], 40, cache, pack=False)
         packed, _ = self._suffix_hidden(seqs, [40, 40], 40, cache, pack=True)
         padded[1, 4:] = 0  # the padding positions, which packing does not compute
+        if self.model.config._attn_implementation == "f32_invariant":  # batch-invariant rows: the same bits
+            return torch.equal(packed, padded)
         scale = float(padded.abs().max())
         return bool(torch.allclose(packed, padded, rtol=1e-4, atol=1e-5 * scale))
