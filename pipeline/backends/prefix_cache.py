@@ -10,10 +10,11 @@ request's remaining tokens, batched by length. A batch of suffixes after a prefi
 packed row where that costs fewer FLOPs than padding every suffix to the longest (MMLU's five
 questions per subject: a third of the padded positions were padding): each token keeps its own
 position id and a custom mask lets it attend the prefix and its own suffix only. Packing needs
-sdpa attention and is checked at load against padded batches (`_packing_works`); rows with
-batch-invariant attention (FP8) keep padded batches, whose key blocks are placed per row.
-Request inputs, truncation and the returned (log-prob, is-greedy) pairs are exactly stock HFLM's;
-only the floating-point summation order differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
+sdpa attention, or the batch-invariant float32 attention (FP8 rows), which places key blocks per
+request and so unpacks the row into the padded batch inside the attention (PACKED_LENGTHS); it is
+checked at load against padded batches (`_packing_works`). Request inputs, truncation and the
+returned (log-prob, is-greedy) pairs are exactly stock HFLM's; only the floating-point summation
+order differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
 `share_prefixes=False`: stock lm-eval's batches, order and padding exactly, so their scores are
 stock's bit for bit. Rows with run-time activation quantization (FP8-dynamic), where summation
 order would show through the 8-bit rounding, are made batch-invariant first (batch_invariant.py)
