@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.backends.prefix_cache import PrefixCachingHFLM, head_rows, plan_groups
+from pipeline.backends.prefix_cache import PrefixCachingHFLM, SuffixTrie, head_rows, plan_groups
 
 
 @settings(max_examples=200, deadline=None)
@@ -33,6 +33,16 @@ def test_sequences_with_a_long_common_prefix_share_one_group():
     seqs = [shared + (7, 8, 9), shared + (5,), (1, 2, 3), shared + (6, 6)]
     groups = plan_groups(seqs, [len(s) - 1 for s in seqs], min_shared=32)
     assert sorted((p, sorted(m)) for p, m in groups) == [(0, [2]), (100, [0, 1, 3])]
+
+
+def test_suffix_trie_runs_each_shared_token_once_and_each_node_attends_its_own_suffix():
+    trie = SuffixTrie.of([(1, 2, 3), (1, 2, 4, 5), (1, 6), (7,)])
+    assert trie.tokens.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert trie.depth.tolist() == [0, 1, 2, 2, 3, 1, 0]
+    assert trie.paths.tolist() == [[0, 1, 2, -1], [0, 1, 3, 4], [0, 5, -1, -1], [6, -1, -1, -1]]
+    assert trie.fresh.tolist() == [3, 2, 1, 1]  # the nodes each suffix reaches first: its last ones
+    att = trie.attends()
+    assert [att[i].nonzero().flatten().tolist() for i in range(7)] == [[0], [0, 1], [0, 1, 2], [0, 1, 3], [0, 1, 3, 4], [0, 5], [6]]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +131,20 @@ def test_packed_suffixes_read_what_padded_batches_read_from_fewer_positions(tiny
     # suffixes of very different lengths: padding would run every row to the longest
     reqs += [type(reqs[0])("loglikelihood", {}, (reqs[0].args[0] + " x" * n, " y"), idx=len(reqs) + n) for n in (1, 30)]
     want = stock.loglikelihood(reqs)
+    rows, run_packed = [], PrefixCachingHFLM._packed_hidden
+
+    def packed_hidden(self, suffixes, *args):
+        with _Count(model.model) as ran:
+            out = run_packed(self, suffixes, *args)
+        rows.append((sum(map(len, suffixes)), SuffixTrie.of(suffixes).nodes, ran.positions))
+        return out
+
+    monkeypatch.setattr(PrefixCachingHFLM, "_packed_hidden", packed_hidden)
     with _Count(model.model) as packed:
         got = ours.loglikelihood(reqs)
+    # a packed row runs each distinct token once: the answers share their question's tokens
+    assert rows and all(ran == nodes for _, nodes, ran in rows)
+    assert any(nodes < tokens for tokens, nodes, _ in rows)
     monkeypatch.setattr(prefix_cache, "PACK_TOKENS", 0)  # never pays: padded batches
     with _Count(model.model) as padded:
         unpacked = ours.loglikelihood(reqs)

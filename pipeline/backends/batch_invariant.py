@@ -64,7 +64,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..errors import QuantpipeError
-from .prefix_cache import PACKED_LENGTHS, full_attention_only
+from .prefix_cache import PACKED, SuffixTrie, full_attention_only
 
 FP8_MAX = 448.0
 # Query rows per float64 attention call: bounds the [batch, heads, rows, keys] score matrix.
@@ -72,17 +72,26 @@ ATTENTION_ROWS = 256
 # Vocabulary rows of the LM head converted to float64 at once: 8192 x hidden x 8 bytes (36 MiB at hidden 576).
 HEAD_BLOCK = 8192
 # Rows per float32 GEMM call on the tiled path, largest first: a call has one of these shapes
-# (the last tile zero-padded to the smallest), and the load check requires a row's bits to be the
-# same in each of them. Tiles of 16 rows and more (x 4 bytes) start 64-byte aligned like the first.
-TILES = (256, 64, 16, 8)
+# (a tile not filled is zero-padded), and the load check requires a row's bits to be the same in
+# each of them. Tiles of 16 rows and more (x 4 bytes) start 64-byte aligned like the first. Large
+# tiles pay: MKL's float32 GEMM at [t, 576] x [576, 1536] on this machine's 2 cores ran 66, 86,
+# 108, 119, 122, 154 and 175 GFLOP/s at t = 8, 16, 64, 128, 256, 512 and 1024.
+TILES = (1024, 512, 256, 128, 64, 16, 8)
+# Rows left that a tile may hold with zero padding rather than split into smaller tiles (460 rows:
+# one 512-row call, not 256 + 128 + 64 + 8 + 8 at lower rates).
+PAD_UP = 1.3
 # Output columns per tiled call: a wide head's weight is multiplied a cache-sized block at a time.
 COL_BLOCK = 4096
 # Keys per block of the float32 attention, and the zero columns that pad its value product
 # ([.., d + 1] with the ones column) to a width the GEMM kernels vectorize.
 KEY_BLOCK = 128
 VALUE_PAD = 16
-# Query rows per attention GEMM: TILES, and 4 for a generation step's few rows (query heads per key head).
-ATTENTION_TILES = (*TILES, 4)
+# Query rows per attention GEMM (its score blocks are [rows, KEY_BLOCK] per head and block), and 4
+# for a generation step's few rows (query heads per key head).
+ATTENTION_TILES = (256, 64, 16, 8, 4)
+# Suffixes of a packed row unpacked per attention call (_unpacked_attention): bounds its copies of
+# the prefix's keys and values, [rows, kv_heads, keys, head_dim] each.
+UNPACKED_ROWS = 8
 # False: always the exact float64 path (tests compare both).
 FLOAT32_TILES = True
 
@@ -122,11 +131,15 @@ def _quantize_input(x: torch.Tensor, args, static_scale: torch.Tensor | None) ->
     return _fp8_codes(x / static_scale), static_scale
 
 
-def _tiles(m: int, sizes: tuple[int, ...] = TILES):
-    """(first row, tile size) covering m rows: the largest tiles that fit, then one padded smallest."""
+def _tiles(m: int, sizes: tuple[int, ...], pad_up: float = 1.0):
+    """(first row, tile size) covering m rows: while rows are left, the smallest tile that holds
+    them if that pads them by at most `pad_up` times, else the largest tile that fits them, else
+    the smallest (padded)."""
     a = 0
     while a < m:
-        t = next((t for t in sizes if t <= m - a), sizes[-1])
+        left = m - a
+        t = next((t for t in reversed(sizes) if left <= t <= pad_up * left), None)
+        t = t or next((t for t in sizes if t <= left), sizes[-1])
         yield a, t
         a += t
 
@@ -140,7 +153,7 @@ def mm_tiles(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous() or x.data_ptr() % 64:
         x = x.clone(memory_format=torch.contiguous_format)  # a fresh allocation: 64-byte aligned
     y = x.new_empty(m, wt.shape[1])
-    for a, t in _tiles(m):
+    for a, t in _tiles(m, TILES, PAD_UP):
         xa = x[a : a + t]
         if xa.shape[0] < t:
             xa = torch.cat([xa, xa.new_zeros(t - xa.shape[0], k)])
@@ -165,6 +178,8 @@ def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
     order = torch.arange(17, device=wt.device)
     shuffled = torch.randint(0, 17, (max(TILES) + sum(TILES) + 3,), generator=gen).to(wt.device)
     arrangements = [order, order.roll(1), order.flip(0), order[5:9], order[:1].repeat(18), shuffled, shuffled[7:], order.repeat(20)]
+    # every tile size full and zero-padded, whatever tiles `_tiles` picks for the lengths above
+    arrangements += [shuffled[i : i + n] for i, t in enumerate(TILES) for n in (t, t - 3)]
     return all(torch.equal(mm(x[rows], wt), alone[rows]) for rows in arrangements)
 
 
@@ -333,8 +348,8 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
     [b, 1, q, k] (True: attend) or None for a causal pass."""
     if dropout or any(kwargs.get(k) is not None for k in ("position_bias", "s_aux", "softcap")):
         raise QuantpipeError(f"{type(module).__name__}: batch-invariant attention supports plain softmax attention only")
-    if (lengths := PACKED_LENGTHS.get()) is not None and not _GENERATING.get():
-        return _unpacked_attention(module, query, key, value, lengths, scaling)
+    if (trie := PACKED.get()) is not None and not _GENERATING.get():
+        return _unpacked_attention(module, query, key, value, trie, scaling)
     b, h, nq, d = query.shape
     hk, nk, dv = key.shape[1], key.shape[2], value.shape[-1]
     g, kb, dev = h // hk, KEY_BLOCK, query.device
@@ -383,31 +398,38 @@ def f32_attention(module, query, key, value, attention_mask, dropout: float = 0.
     return out.view(b, hk, nq, g, dv).permute(0, 2, 1, 3, 4).reshape(b, nq, h, dv), None
 
 
-def _unpacked_attention(module, query, key, value, lengths: tuple[int, ...], scaling):
-    """`f32_attention` of suffixes packed into one row after a prefix (prefix_cache._packed_hidden):
-    run as the padded batch they replace, each suffix in its own row after the prefix's keys with
-    the causal mask the padded forward gets, so every key lands in the same block and every query
-    gets the same bits as there (the Linear layers around it are row-wise, so packing them is exact)."""
-    _, h, total, d = query.shape
-    hk, prefix, dv = key.shape[1], key.shape[2] - total, value.shape[-1]
-    n, width = len(lengths), max(lengths)
-    q = query.new_zeros(n, h, width, d)
-    k, v = key.new_zeros(n, hk, prefix + width, d), value.new_zeros(n, hk, prefix + width, dv)
-    k[:, :, :prefix], v[:, :, :prefix] = key[:, :, :prefix], value[:, :, :prefix]
-    a = 0
-    for r, m in enumerate(lengths):
-        q[r, :, :m] = query[0, :, a : a + m]
-        k[r, :, prefix : prefix + m] = key[0, :, prefix + a : prefix + a + m]
-        v[r, :, prefix : prefix + m] = value[0, :, prefix + a : prefix + a + m]
-        a += m
-    keys = torch.arange(prefix + width, device=query.device)
-    mask = (keys <= torch.arange(prefix, prefix + width, device=query.device)[:, None]).expand(n, 1, width, prefix + width)
-    token = PACKED_LENGTHS.set(None)
+def _unpacked_attention(module, query, key, value, trie: SuffixTrie, scaling):
+    """`f32_attention` of suffixes packed into one row after a prefix (prefix_cache._packed_hidden),
+    run as the padded batch they replace: each suffix in its own row, its keys after the prefix's
+    (a trie node that several suffixes share copied into each), so every key lands in the same
+    block as there; each node's query is computed once, in the row of the suffix that reaches it
+    first, as the tokens of a suffix run after a cache are, with the causal mask. Every query thus
+    gets the bits it gets in the padded batch (the Linear layers around it are row-wise, so running
+    each node once is exact). UNPACKED_ROWS suffixes per call bound the copies of the prefix."""
+    nodes, dev = query.shape[2], query.device
+    prefix = key.shape[2] - nodes
+    keep = (trie.fresh > 0).nonzero().flatten()  # a suffix whose nodes all came earlier asks nothing
+    paths, fresh = trie.paths[keep], trie.fresh[keep]
+    lengths, width, most = (paths >= 0).sum(1), paths.shape[1], int(fresh.max())
+    # suffix r's queries: its fresh nodes, numbered consecutively; the rows past them repeat its last
+    i = torch.arange(most).clamp(max=fresh[:, None] - 1)  # [suffixes, most]
+    q_nodes = (fresh.cumsum(0) - fresh)[:, None] + i
+    q_pos = lengths[:, None] - fresh[:, None] + i  # their indices in the suffix
+    allowed = torch.arange(prefix + width) <= prefix + q_pos[..., None]  # [suffixes, most, keys]: causal
+    paths, q_nodes, allowed = paths.clamp(min=0).to(dev), q_nodes.to(dev), allowed.to(dev)  # past the end: any key, never attended
+    out = []
+    token = PACKED.set(None)
     try:
-        out = f32_attention(module, q, k, v, mask, scaling=scaling)[0]  # [n, width, heads, dv]
+        for a in range(0, len(paths), UNPACKED_ROWS):
+            idx, n = paths[a : a + UNPACKED_ROWS], len(paths[a : a + UNPACKED_ROWS])
+            q = query[0][:, q_nodes[a : a + UNPACKED_ROWS]].transpose(0, 1)  # [n, heads, most, d]
+            k = torch.cat([key[:, :, :prefix].expand(n, -1, -1, -1), key[0][:, prefix + idx].transpose(0, 1)], 2)
+            v = torch.cat([value[:, :, :prefix].expand(n, -1, -1, -1), value[0][:, prefix + idx].transpose(0, 1)], 2)
+            out.append(f32_attention(module, q, k, v, allowed[a : a + UNPACKED_ROWS, None], scaling=scaling)[0])
     finally:
-        PACKED_LENGTHS.reset(token)
-    return torch.cat([out[r, :m] for r, m in enumerate(lengths)])[None], None
+        PACKED.reset(token)
+    real = (torch.arange(most) < fresh[:, None]).to(dev)
+    return torch.cat(out)[real][None], None  # suffix by suffix, its fresh nodes: the node order
 
 
 AttentionInterface.register("f32_invariant", f32_attention)

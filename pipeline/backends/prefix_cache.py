@@ -6,13 +6,15 @@ dev examples, TruthfulQA's six-question preamble (and each question again for ea
 answers). Stock HFLM runs the whole prompt for every request and applies the LM head to every
 position. Here, as vLLM's prefix caching does, requests are sorted by token sequence, those that
 share a prefix are grouped, the prefix is run once and its key/value cache is reused for each
-request's remaining tokens, batched by length. A batch of suffixes after a prefix runs as one
-packed row where that costs fewer FLOPs than padding every suffix to the longest (MMLU's five
-questions per subject: a third of the padded positions were padding): each token keeps its own
-position id and a custom mask lets it attend the prefix and its own suffix only. Packing needs
-sdpa attention, or the batch-invariant float32 attention (FP8 rows), which places key blocks per
-request and so unpacks the row into the padded batch inside the attention (PACKED_LENGTHS); it is
-checked at load against padded batches (`_packing_works`). Request inputs, truncation and the
+request's remaining tokens, batched by length. Suffixes after a prefix run as one packed row
+where that costs fewer FLOPs than padding every suffix to the longest (MMLU's five questions per
+subject: a third of the padded positions were padding), and as the trie of their tokens
+(`SuffixTrie`): a token shared with all the tokens before it, as TruthfulQA's question is by each
+of its answers, runs once (40 TruthfulQA items: 2,903 positions after the preamble, not 8,053). Each token keeps its own
+position id and a custom mask lets it attend the prefix and the tokens before it on its own
+suffix. Packing needs sdpa attention, or the batch-invariant float32 attention (FP8 rows), which
+places key blocks per request and so unpacks the row into the padded batch inside the attention
+(PACKED); it is checked at load against padded batches (`_packing_works`). Request inputs, truncation and the
 returned (log-prob, is-greedy) pairs are exactly stock HFLM's; only the floating-point summation
 order differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
 `share_prefixes=False`: stock lm-eval's batches, order and padding exactly, so their scores are
@@ -57,6 +59,7 @@ import inspect
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -78,14 +81,64 @@ LOGITS_CHUNK_BYTES = 64 << 20
 # takes kernels with another summation order (measured, AVX-512), so fewer rows would not
 # reproduce stock's values, which come from the head applied to a whole batch at once.
 MIN_HEAD_ROWS = 16
-# Most suffix tokens packed into one row (its [tokens, prefix + tokens] mask is built whole).
+# Most tokens in one packed row (its [tokens, prefix + tokens] mask is built whole).
 PACK_TOKENS = 4096
+# A packed row grows while the attention its tokens pay to each other's (masked) keys stays within
+# this share of its linear work: the row's attention cost grows with the square of its length.
+PACK_ATTENTION_SHARE = 0.25
 # Attention implementations that take packed suffixes: sdpa through the custom mask; the
-# batch-invariant float32 attention by unpacking them into the padded batch (PACKED_LENGTHS).
+# batch-invariant float32 attention by unpacking them into the padded batch (PACKED).
 PACKABLE = ("sdpa", "sdpa_gqa", "f32_invariant")
-# The suffix lengths of the packed row a forward runs (None: not packed), for attention functions
-# that place keys per request and so cannot take the custom mask as it is.
-PACKED_LENGTHS: contextvars.ContextVar = contextvars.ContextVar("quantpipe_packed_lengths", default=None)
+
+
+@dataclass(frozen=True)
+class SuffixTrie:
+    """Suffixes after a shared prefix as the trie of their tokens: a token that several suffixes
+    share with all the tokens before it (TruthfulQA's question, read by each of its answers) is
+    one node, run once. Nodes are numbered as the suffixes first reach them: the nodes suffix r
+    reaches first are its last fresh[r] tokens, numbered right after those of suffixes 0..r-1."""
+
+    tokens: torch.Tensor  # [nodes] token id
+    depth: torch.Tensor  # [nodes] index in its suffix (position = prefix length + depth)
+    paths: torch.Tensor  # [suffixes, longest] node of each suffix token, -1 past the suffix's end
+    fresh: torch.Tensor  # [suffixes] how many of its nodes each suffix reaches first
+
+    @classmethod
+    def of(cls, suffixes: list[tuple]) -> SuffixTrie:
+        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        tokens, depth, paths, fresh = [], [], [], []
+        for s in suffixes:
+            parent, path, before = -1, [], len(tokens)
+            for j, t in enumerate(s):
+                node = index.setdefault((parent, t), len(tokens))
+                if node == len(tokens):
+                    tokens.append(t)
+                    depth.append(j)
+                path.append(node)
+                parent = node
+            paths.append(path)
+            fresh.append(len(tokens) - before)
+        grid = torch.full((len(paths), max(len(p) for p in paths)), -1, dtype=torch.long)
+        for r, path in enumerate(paths):
+            grid[r, : len(path)] = torch.tensor(path, dtype=torch.long)
+        return cls(torch.tensor(tokens, dtype=torch.long), torch.tensor(depth, dtype=torch.long), grid, torch.tensor(fresh))
+
+    @property
+    def nodes(self) -> int:
+        return len(self.tokens)
+
+    def attends(self) -> torch.Tensor:
+        """[nodes, nodes] bool: node i attends node j iff j is i or before it on i's suffix."""
+        out = torch.zeros(self.nodes, self.nodes, dtype=torch.bool)
+        for path in self.paths:
+            path = path[path >= 0]
+            out[path[:, None], path[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
+        return out
+
+
+# The trie of the packed row a forward runs (None: not packed), for attention functions that place
+# keys per request and so cannot take the custom mask as it is.
+PACKED: contextvars.ContextVar = contextvars.ContextVar("quantpipe_packed", default=None)
 
 
 # -- LM head, bounded ------------------------------------------------------------------------------
@@ -454,11 +507,8 @@ class PrefixCachingHFLM(HFLM):
         res: list = [None] * len(requests)
         for prefix_len, members in plan_groups(seqs, starts, self.min_shared):
             cache = self._prefix_cache(seqs[members[0]][:prefix_len]) if prefix_len else None
-            # batch by length, longest first (as stock lm-eval does)
-            members = sorted(members, key=lambda i: -len(seqs[i]))
-            for b in range(0, len(members), self.batch_size):
-                batch = members[b : b + self.batch_size]
-                hidden, first = self._suffix_hidden([seqs[i] for i in batch], [starts[i] for i in batch], prefix_len, cache)
+            for batch, pack in self._batches(members, seqs, prefix_len):
+                hidden, first = self._suffix_hidden([seqs[i] for i in batch], [starts[i] for i in batch], prefix_len, cache, pack)
                 reads, owners = [], []
                 for r, i in enumerate(batch):
                     for j in users[seqs[i]]:
@@ -532,14 +582,45 @@ class PrefixCachingHFLM(HFLM):
             out = self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
         return out.past_key_values
 
-    def _suffix_hidden(self, seqs, starts, prefix_len: int, cache, pack: bool | None = None) -> tuple[torch.Tensor, int]:
+    def _batches(self, members: list[int], seqs: list[tuple], prefix_len: int) -> Iterator[tuple[list[int], bool]]:
+        """A group's forwards after its prefix, as (members, packed). Where packing is on, the members
+        are taken in token order (plan_groups' order, in which suffixes sharing tokens are adjacent)
+        into rows of at most `_pack_limit` trie nodes; a row runs packed where that costs fewer FLOPs
+        than padding (`_packing_pays`), else as the padded batches below. Padded batches are stock
+        lm-eval's: batch_size requests, longest first."""
+
+        def padded(batch: list[int]) -> Iterator[tuple[list[int], bool]]:
+            batch = sorted(batch, key=lambda i: -len(seqs[i]))
+            for b in range(0, len(batch), self.batch_size):
+                yield batch[b : b + self.batch_size], False
+
+        if not (self.packing and prefix_len):
+            yield from padded(members)
+            return
+        limit, row, nodes = self._pack_limit(), [], 0
+
+        def flush() -> Iterator[tuple[list[int], bool]]:
+            if self._packing_pays([len(seqs[i]) - prefix_len for i in row], nodes, prefix_len):
+                yield row, True
+            else:
+                yield from padded(row)
+
+        for i in members:
+            # in sorted order a suffix shares the most leading tokens with the one before it
+            new = len(seqs[i]) - (_common_prefix(seqs[row[-1]], seqs[i]) if row else prefix_len)
+            if row and nodes + new > limit:
+                yield from flush()
+                row, nodes, new = [], 0, len(seqs[i]) - prefix_len
+            row.append(i)
+            nodes += new
+        yield from flush()
+
+    def _suffix_hidden(self, seqs, starts, prefix_len: int, cache, pack: bool = False) -> tuple[torch.Tensor, int]:
         """LM-head inputs [batch, positions, hidden] from the earliest start to the end of the longest
         suffix, run after the shared prefix; and that earliest start, relative to the suffix.
-        pack None: packed into one row where that costs less than padding (`_packing_pays`)."""
+        pack: as one packed row (`_packed_hidden`), else right-padded."""
         suffixes = [s[prefix_len:] for s in seqs]
         width = max(len(s) for s in suffixes)
-        if pack is None:
-            pack = self.packing and cache is not None and self._packing_pays([len(s) for s in suffixes], prefix_len)
         if pack:
             return self._packed_hidden(suffixes, min(st - prefix_len for st in starts), prefix_len, cache)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right padding: causal, so inert
@@ -560,55 +641,62 @@ class PrefixCachingHFLM(HFLM):
             )
         return seen[0], first
 
-    def _packing_pays(self, lengths: list[int], prefix_len: int) -> bool:
-        """Whether one packed row of these suffixes costs fewer FLOPs than the padded batch: padding
-        runs every row to the longest suffix; packing runs only real tokens, but each attends the
-        other suffixes' keys too (masked, still computed)."""
-        n, width, total = len(lengths), max(lengths), sum(lengths)
-        if n < 2 or total > PACK_TOKENS:
+    def _pack_limit(self) -> int:
+        """Most trie nodes in one packed row: every token of the row also meets the other suffixes'
+        (masked) keys, which stays within PACK_ATTENTION_SHARE of its linear work; at most PACK_TOKENS."""
+        per_token, per_pair = self._flops
+        return max(1, min(PACK_TOKENS, int(PACK_ATTENTION_SHARE * per_token / per_pair)))
+
+    def _packing_pays(self, lengths: list[int], nodes: int, prefix_len: int) -> bool:
+        """Whether one packed row of these suffixes (`nodes` distinct tokens) costs fewer FLOPs than
+        their padded batches: padding runs every row to its batch's longest suffix; packing runs each
+        distinct token once, but each attends the other suffixes' keys too (masked, still computed)."""
+        if len(lengths) < 2 or nodes > PACK_TOKENS:
             return False
         per_token, per_pair = self._flops
-        padded = n * width * (per_token + (prefix_len + width) * per_pair)
-        return total * (per_token + (prefix_len + total) * per_pair) < padded
+        longest_first = sorted(lengths, reverse=True)
+        widths = longest_first[:: self.batch_size]  # each padded batch's longest suffix
+        batches = [len(longest_first[b : b + self.batch_size]) for b in range(0, len(lengths), self.batch_size)]
+        padded = sum(n * w * (per_token + (prefix_len + w) * per_pair) for n, w in zip(batches, widths))
+        return nodes * (per_token + (prefix_len + nodes) * per_pair) < padded
 
     def _packed_hidden(self, suffixes: list[tuple], first: int, prefix_len: int, cache) -> tuple[torch.Tensor, int]:
-        """`_suffix_hidden` with the suffixes run as one row after the prefix: each token at its own
-        position (prefix_len + its index in its suffix), attending the prefix and the tokens of its
-        own suffix up to itself; the result is laid out as the padded batch's would be."""
-        lengths = [len(s) for s in suffixes]
-        total, width = sum(lengths), max(lengths)
-        segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        local = torch.cat([torch.arange(n) for n in lengths])
-        own = (segment[:, None] == segment[None, :]) & (local[None, :] <= local[:, None])
-        mask = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), own], 1)[None, None]
-        keep = (local >= first).nonzero().flatten()  # the positions read: from the earliest start on
-        ids = torch.tensor([[t for s in suffixes for t in s]])
-        token = PACKED_LENGTHS.set(tuple(lengths))
+        """`_suffix_hidden` with the suffixes run as one row after the prefix, each distinct token once
+        (`SuffixTrie`): a node at its own position (prefix_len + its index in its suffix), attending
+        the prefix and the nodes before it on its suffix; laid out as the padded batch's would be."""
+        trie = SuffixTrie.of(suffixes)
+        mask = torch.cat([torch.ones(trie.nodes, prefix_len, dtype=torch.bool), trie.attends()], 1)[None, None]
+        keep = (trie.depth >= first).nonzero().flatten()  # the positions read: from the earliest start on
+        token = PACKED.set(trie)
         try:
             with torch.no_grad(), self._autocast(), _head_inputs(self.model) as seen:
                 self.model(
-                    ids.to(self.device),
+                    trie.tokens[None].to(self.device),
                     attention_mask=mask.to(self.device),
-                    position_ids=(local + prefix_len)[None].to(self.device),
+                    position_ids=(trie.depth + prefix_len)[None].to(self.device),
                     past_key_values=copy.deepcopy(cache),
                     use_cache=True,
                     logits_to_keep=keep.to(self.device),
                 )
         finally:
-            PACKED_LENGTHS.reset(token)
+            PACKED.reset(token)
         hidden = seen[0][0]
-        out = hidden.new_zeros(len(lengths), width - first, hidden.shape[-1])
-        out[segment[keep].to(hidden.device), (local[keep] - first).to(hidden.device)] = hidden
+        rank = torch.full((trie.nodes,), -1, dtype=torch.long)
+        rank[keep] = torch.arange(len(keep))
+        cols = trie.paths[:, first:]  # each suffix's nodes from the earliest start on
+        real = cols >= 0
+        out = hidden.new_zeros(*cols.shape, hidden.shape[-1])
+        out[real.to(hidden.device)] = hidden[rank[cols[real]].to(hidden.device)]
         return out, first
 
     def _packing_works(self) -> bool:
         """Packed suffixes give this model the padded batch's hidden states up to float rounding (a
         model that ignores position_ids or a custom mask, e.g. with sliding-window layers, does not):
-        two suffixes after a 40-token prefix, both ways."""
+        two suffixes after a 40-token prefix, both ways, sharing their first two tokens (one trie node each)."""
         gen = torch.Generator().manual_seed(0)
         vocab = self.model.config.get_text_config().vocab_size
         seqs = [tuple(torch.randint(vocab, (n,), generator=gen).tolist()) for n in (47, 44)]
-        seqs[1] = seqs[0][:40] + seqs[1][40:]
+        seqs[1] = seqs[0][:42] + seqs[1][42:]
         cache = self._prefix_cache(seqs[0][:40])
         padded, _ = self._suffix_hidden(seqs, [40, 40], 40, cache, pack=False)
         packed, _ = self._suffix_hidden(seqs, [40, 40], 40, cache, pack=True)
