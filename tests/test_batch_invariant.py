@@ -243,6 +243,20 @@ def test_fp8_rows_have_their_own_result_keys_and_other_rows_keep_theirs(tiny_mod
     assert kl["fp8"] == store.content_key(fp8_art, next(s for s in plan.steps if s.kind == "kl_reference").key, tagged)
 
 
+def test_rows_go_into_the_smallest_tile_that_holds_them_with_little_padding_else_the_largest_that_fits():
+    def tiles(m, pad_up=bi.PAD_UP):
+        return [t for _, t in bi._tiles(m, bi.TILES, pad_up)]
+
+    assert tiles(460) == [512]  # 11% padding: one fast call
+    assert tiles(600) == [512, 64, 16, 8]  # 1,024 would pad by 71%; the last tile holds 8 of 8
+    assert tiles(3) == [8] and tiles(2048) == [1024, 1024]
+    assert tiles(460, pad_up=1.0) == [256, 128, 64, 8, 8]  # attention's rule: no padding up
+    for m in range(1, 3000, 7):
+        got = list(bi._tiles(m, bi.TILES, bi.PAD_UP))
+        assert [a for a, _ in got] == [sum(t for _, t in got[:i]) for i in range(len(got))]
+        assert sum(t for _, t in got[:-1]) < m <= sum(t for _, t in got)  # covers m, only the last tile padded
+
+
 def test_tiled_lm_head_gives_each_row_the_same_logits_in_any_batch():
     """The float32 head runs [t, hidden] (t in TILES) x [hidden, <= COL_BLOCK] calls: a row's logits, across
     several column blocks, are the same alone as in batches of 5 and 40, and float32-close to exact."""
