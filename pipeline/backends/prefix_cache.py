@@ -1,26 +1,26 @@
 """lm-eval's HF model with shared-prefix key/value reuse for log-likelihood requests, and an LM
 head that never builds a [batch, length, vocab] matrix.
 
-Few-shot tasks send the same long prefix with every item: MMLU's subject description and five
-dev examples, TruthfulQA's six-question preamble (and each question again for each of its
-answers). Stock HFLM runs the whole prompt for every request and applies the LM head to every
-position. Here, as vLLM's prefix caching does, requests are sorted by token sequence, those that
-share a prefix are grouped, the prefix is run once and its key/value cache is reused for each
-request's remaining tokens, batched by length. Suffixes after a prefix run as one packed row
-where that costs fewer FLOPs than padding every suffix to the longest (MMLU's five questions per
-subject: a third of the padded positions were padding), and as the trie of their tokens
-(`SuffixTrie`): a token shared with all the tokens before it, as TruthfulQA's question is by each
-of its answers, runs once (40 TruthfulQA items: 2,903 positions after the preamble, not 8,053). Each token keeps its own
-position id and a custom mask lets it attend the prefix and the tokens before it on its own
-suffix. Packing needs sdpa attention, or the batch-invariant float32 attention (FP8 rows), which
-places key blocks per request and so unpacks the row into the padded batch inside the attention
-(PACKED); it is checked at load against padded batches (`_packing_works`). Request inputs, truncation and the
-returned (log-prob, is-greedy) pairs are exactly stock HFLM's; only the floating-point summation
-order differs. Rows with a runtime patch that owns the KV cache (TurboQuant) run with
-`share_prefixes=False`: stock lm-eval's batches, order and padding exactly, so their scores are
-stock's bit for bit. Rows with run-time activation quantization (FP8-dynamic), where summation
-order would show through the 8-bit rounding, are made batch-invariant first (batch_invariant.py)
-and then share prefixes exactly.
+Few-shot tasks send the same long prefix with every item: MMLU's subject description and five dev
+examples, TruthfulQA's six-question preamble (and each question again for each of its answers).
+Stock HFLM runs the whole prompt for every request and applies the LM head to every position.
+Here, as vLLM's prefix caching does, requests are sorted by token sequence, those that share a
+prefix are grouped, the prefix is run once and its key/value cache is reused for each request's
+remaining tokens, batched by length. Suffixes after a prefix run as one packed row where that
+costs fewer FLOPs than padding every suffix to the longest (MMLU's five questions per subject: a
+third of the padded positions were padding), and as the trie of their tokens (`SuffixTrie`): a
+token shared with all the tokens before it, as TruthfulQA's question is by each of its answers,
+runs once (40 TruthfulQA items: 2,903 positions after the preamble, not 8,053). Each token keeps
+its own position id and a custom mask lets it attend the prefix and the tokens before it on its
+own suffix. Packing needs sdpa attention, or the batch-invariant float32 attention (FP8 rows),
+which places key blocks per request and so unpacks the row into the padded batch inside the
+attention (PACKED); it is checked at load against padded batches (`_packing_works`). Request
+inputs, truncation and the returned (log-prob, is-greedy) pairs are exactly stock HFLM's; only
+the floating-point summation order differs. Rows with a runtime patch that owns the KV cache
+(TurboQuant) run with `share_prefixes=False`: stock lm-eval's batches, order and padding exactly,
+so their scores are stock's bit for bit. Rows with run-time activation quantization
+(FP8-dynamic), where summation order would show through the 8-bit rounding, are made
+batch-invariant first (batch_invariant.py) and then share prefixes exactly.
 
 Bounded memory (every log-likelihood path): stock HFLM materializes float32 logits for every
 position of a batch and then a log-softmax copy (8 x 700 x 262,144 x 4 B = 5.9 GB each, for a
