@@ -421,7 +421,8 @@ def _unpacked_attention(module, query, key, value, trie: SuffixTrie, scaling):
     token = PACKED.set(None)
     try:
         for a in range(0, len(paths), UNPACKED_ROWS):
-            idx, n = paths[a : a + UNPACKED_ROWS], len(paths[a : a + UNPACKED_ROWS])
+            idx = paths[a : a + UNPACKED_ROWS]
+            n = len(idx)
             q = query[0][:, q_nodes[a : a + UNPACKED_ROWS]].transpose(0, 1)  # [n, heads, most, d]
             k = torch.cat([key[:, :, :prefix].expand(n, -1, -1, -1), key[0][:, prefix + idx].transpose(0, 1)], 2)
             v = torch.cat([value[:, :, :prefix].expand(n, -1, -1, -1), value[0][:, prefix + idx].transpose(0, 1)], 2)
