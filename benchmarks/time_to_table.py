@@ -424,6 +424,7 @@ def main() -> int:
     log("fp8 row against stock HFLM at batch size 1 on the same batch-invariant model (QUICK items)")
     fp8_n, fp8_differ = fp8_at_batch_size_1(run_root, task_dir, work) if "fp8" in rows else (0, 0)
     same = same and fp8_differ == 0
+    evaluations = sum(r["quantpipe_s"] for r in per_row.values())
     result = {
         "subsets": subsets,
         "rows": list(rows),
@@ -438,8 +439,8 @@ def main() -> int:
         "floor_s": round(floor, 1),
         "per_row": per_row,
         # quantpipe's evaluations of every row (loads and KL apart) against the floor of every row
-        "evaluations_s": round(sum(r["quantpipe_s"] for r in per_row.values()), 1),
-        "evaluations_vs_floor": round(sum(r["quantpipe_s"] for r in per_row.values()) / max(floor, 1e-9), 2),
+        "evaluations_s": round(evaluations, 1),
+        "evaluations_vs_floor": round(evaluations / max(floor, 1e-9), 2),
         "fp8_bs1_requests": fp8_n,
         "fp8_bs1_differ": fp8_differ,
         **detail,

@@ -600,10 +600,11 @@ class PrefixCachingHFLM(HFLM):
         limit, row, nodes = self._pack_limit(), [], 0
 
         def flush() -> Iterator[tuple[list[int], bool]]:
-            if self._packing_pays([len(seqs[i]) - prefix_len for i in row], nodes, prefix_len):
+            batches = list(padded(row))
+            if self._packing_pays([[len(seqs[i]) - prefix_len for i in b] for b, _ in batches], nodes, prefix_len):
                 yield row, True
             else:
-                yield from padded(row)
+                yield from batches
 
         for i in members:
             # in sorted order a suffix shares the most leading tokens with the one before it
@@ -647,17 +648,15 @@ class PrefixCachingHFLM(HFLM):
         per_token, per_pair = self._flops
         return max(1, min(PACK_TOKENS, int(PACK_ATTENTION_SHARE * per_token / per_pair)))
 
-    def _packing_pays(self, lengths: list[int], nodes: int, prefix_len: int) -> bool:
+    def _packing_pays(self, batches: list[list[int]], nodes: int, prefix_len: int) -> bool:
         """Whether one packed row of these suffixes (`nodes` distinct tokens) costs fewer FLOPs than
-        their padded batches: padding runs every row to its batch's longest suffix; packing runs each
-        distinct token once, but each attends the other suffixes' keys too (masked, still computed)."""
-        if len(lengths) < 2 or nodes > PACK_TOKENS:
+        the padded batches they would otherwise run (`batches`: each batch's suffix lengths): padding
+        runs every row to its batch's longest suffix; packing runs each distinct token once, but each
+        attends the other suffixes' keys too (masked, still computed)."""
+        if sum(map(len, batches)) < 2 or nodes > PACK_TOKENS:
             return False
         per_token, per_pair = self._flops
-        longest_first = sorted(lengths, reverse=True)
-        widths = longest_first[:: self.batch_size]  # each padded batch's longest suffix
-        batches = [len(longest_first[b : b + self.batch_size]) for b in range(0, len(lengths), self.batch_size)]
-        padded = sum(n * w * (per_token + (prefix_len + w) * per_pair) for n, w in zip(batches, widths))
+        padded = sum(len(b) * max(b) * (per_token + (prefix_len + max(b)) * per_pair) for b in batches)
         return nodes * (per_token + (prefix_len + nodes) * per_pair) < padded
 
     def _packed_hidden(self, suffixes: list[tuple], first: int, prefix_len: int, cache) -> tuple[torch.Tensor, int]:
