@@ -8,10 +8,12 @@ What it checks, on tiny random models built from configs (nothing is downloaded;
 a. bounded-memory: a Llama with a 262,144-token vocabulary (hidden 64, 2 layers) and a WordLevel
    tokenizer, loaded through `TransformersBackend().load` as evaluation loads a base row; 64
    log-likelihood requests (16 contexts of ~200 tokens sharing a preamble, 4 continuations each,
-   one of them the model's greedy token) scored by quantpipe's LM (prefix sharing, bounded LM head)
-   and by stock lm-eval `HFLM` on the same model and device. Reports the peak memory of each
-   (pipeline.memory.peak_memory_bytes: torch's max allocated on CUDA, the resident set on CPU), the
-   largest |log-likelihood difference| and whether is_greedy agrees everywhere.
+   one of them the model's greedy token, two sharing their first two words) scored by quantpipe's
+   LM (prefix sharing, trie-packed suffixes, bounded LM head) and by stock lm-eval `HFLM` on the
+   same model and device. Reports the peak memory of each (pipeline.memory.peak_memory_bytes:
+   torch's max allocated on CUDA, the resident set on CPU), the largest |log-likelihood
+   difference|, whether is_greedy agrees everywhere, and the packed rows run (there must be some,
+   sharing trie nodes).
 b. batch-invariant-fp8: a tiny FP8_DYNAMIC compressed-tensors checkpoint (made by the project's own
    `fp8` stage, llm-compressor, with --build-fp8-asset; default location .gpuassets/fp8-tiny, an
    ignored folder to carry along) loaded with `TransformersBackend().load` (batch_invariant.install,
@@ -123,6 +125,29 @@ def compare(got, want) -> dict:
     }
 
 
+class _count_packed_rows:
+    """Counts the packed suffix rows quantpipe's scorer runs (PrefixCachingHFLM._packed_hidden)
+    until close(): rows, suffixes, trie nodes run and the suffix tokens they stand for."""
+
+    def __init__(self):
+        from pipeline.backends.prefix_cache import PrefixCachingHFLM, SuffixTrie
+
+        self.cls, self.original, self.rows = PrefixCachingHFLM, PrefixCachingHFLM._packed_hidden, []
+        original, rows = self.original, self.rows
+
+        def counted(lm, suffixes, *args):
+            rows.append((len(suffixes), SuffixTrie.of(suffixes).nodes, sum(map(len, suffixes))))
+            return original(lm, suffixes, *args)
+
+        PrefixCachingHFLM._packed_hidden = counted
+
+    def close(self) -> None:
+        self.cls._packed_hidden = self.original
+
+    def counts(self) -> tuple[int, int, int, int]:
+        return len(self.rows), *(sum(r[i] for r in self.rows) for i in range(3))
+
+
 # -- a. bounded memory with a 262k vocabulary ------------------------------------------------------
 
 
@@ -147,7 +172,8 @@ def check_bounded_memory(device: str, tmp: Path, args) -> dict:
         ids = tok(ctx, add_special_tokens=False).input_ids
         with torch.no_grad():
             greedy = int(model(torch.tensor([ids], device=model.device), logits_to_keep=1).logits[0, -1].argmax())
-        pairs += [(ctx, f" w{greedy}")] + [(ctx, " " + words(rng, k, vocab)) for k in (1, 2, 4)]
+        lead = words(rng, 2, vocab)  # two answers share their first two words: one trie node each when packed
+        pairs += [(ctx, f" w{greedy}"), (ctx, " " + words(rng, 1, vocab)), (ctx, f" {lead}"), (ctx, f" {lead} {words(rng, 2, vocab)}")]
     reqs = instances(pairs)
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, max_length=2048)
     warm = instances([(words(rng, 40, vocab), " w7")])
@@ -161,6 +187,7 @@ def check_bounded_memory(device: str, tmp: Path, args) -> dict:
         "model_device": str(model.device),
     }
     scores, t0 = {}, time.time()
+    packed = _count_packed_rows()
     for name, which in (("quantpipe", lm), ("stock", stock)):
         which.loglikelihood(warm, disable_tqdm=True)  # allocator, kernels, workspaces: outside the measured block
         if device.startswith("cuda"):
@@ -174,15 +201,20 @@ def check_bounded_memory(device: str, tmp: Path, args) -> dict:
             "grown_bytes": m.grown_bytes,
             "seconds": round(time.time() - t, 2),
         }
+    packed.close()
     result |= compare(scores["quantpipe"], scores["stock"])
     result["seconds"] = round(time.time() - t0, 1)
+    result["packed_rows"], result["packed_suffixes"], result["packed_nodes"], result["packed_suffix_tokens"] = packed.counts()
     q, s = result["quantpipe"]["grown_bytes"], result["stock"]["grown_bytes"]
     ok = q < s and result["max_abs_diff"] < 1e-3 and result["greedy_agree"] == len(reqs) and result["greedy_true"] > 0
+    ok = ok and result["packed_rows"] > 0 and result["packed_nodes"] < result["packed_suffix_tokens"]  # the trie path ran and shared
     line = (
         f"peak growth quantpipe {q / GiB:.3f} GiB vs stock HFLM {s / GiB:.3f} GiB "
         f"(peaks {result['quantpipe']['peak_bytes'] / GiB:.3f} / {result['stock']['peak_bytes'] / GiB:.3f} GiB, {device}, "
         f"batch {args.batch_size}); max |dLL| {result['max_abs_diff']:.2e}; is_greedy agrees {result['greedy_agree']}/{len(reqs)} "
-        f"({result['greedy_true']} greedy); bit-identical {result['identical']}/{len(reqs)}; prefix sharing {lm.prefix_caching}"
+        f"({result['greedy_true']} greedy); bit-identical {result['identical']}/{len(reqs)}; prefix sharing {lm.prefix_caching}; "
+        f"packed rows {result['packed_rows']} ({result['packed_suffixes']} suffixes, {result['packed_nodes']} trie nodes for "
+        f"{result['packed_suffix_tokens']} suffix tokens)"
     )
     return {"status": "PASS" if ok else "FAIL", "line": line, **result}
 
@@ -237,17 +269,21 @@ def check_fp8(device: str, asset: Path, args) -> dict:
     t0 = time.time()
     kw = dict(pretrained=model, tokenizer=tok, max_length=max_length)
     alone = HFLM(batch_size=1, **kw).loglikelihood(reqs, disable_tqdm=True)
+    packed = _count_packed_rows()
     runs = {f"quantpipe_batch{b}": lm.loglikelihood(reqs, disable_tqdm=True)}
     lm.batch_size_per_gpu = len(reqs)
     runs[f"quantpipe_batch{len(reqs)}"] = lm.loglikelihood(reqs, disable_tqdm=True)
+    packed.close()
     runs[f"stock_batch{b}_patched"] = HFLM(batch_size=b, **kw).loglikelihood(reqs, disable_tqdm=True)
     result = {
         "requests": len(reqs),
         "evaluated_as": loaded.evaluated_as,
         "prefix_caching": lm.prefix_caching,
         "model_device": str(model.device),
+        "attention": model.config._attn_implementation,
         "vs_batch1": {k: compare(v, alone) for k, v in runs.items()},
     }
+    result["packed_rows"], result["packed_suffixes"], result["packed_nodes"], result["packed_suffix_tokens"] = packed.counts()
 
     # for information: stock compressed-tensors (no batch-invariant kernels), batch 1 against a batch
     plain = AutoModelForCausalLM.from_pretrained(asset, dtype="auto").eval().to(device)
@@ -261,7 +297,9 @@ def check_fp8(device: str, asset: Path, args) -> dict:
     counts = ", ".join(f"{k} {c['identical']}/{n}" for k, c in result["vs_batch1"].items())
     info = result["stock_fp8_batch_vs_batch1_info"]
     line = (
-        f"bit-identical to stock HFLM at batch size 1 ({device}): {counts}; prefix sharing {lm.prefix_caching}. "
+        f"bit-identical to stock HFLM at batch size 1 ({device}): {counts}; prefix sharing {lm.prefix_caching}, "
+        f"{result['attention']} attention, packed rows {result['packed_rows']} ({result['packed_nodes']} trie nodes for "
+        f"{result['packed_suffix_tokens']} suffix tokens). "
         f"Info, without batch_invariant: batch {b} vs 1 identical {info['identical']}/{n}, max |dLL| {info['max_abs_diff']:.2e}"
     )
     return {"status": "PASS" if ok else "FAIL", "line": line, **result}
