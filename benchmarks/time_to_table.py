@@ -1,8 +1,11 @@
 """Time to table: the stock route against `quantpipe run`, same model, variants and items.
 
-    .venv/bin/python benchmarks/time_to_table.py            # ~1 h on 2 CPU cores, first run builds the variants
-    .venv/bin/python benchmarks/time_to_table.py --quick    # a 5-minute smoke of the same procedure
+    .venv/bin/python benchmarks/time_to_table.py            # ~95 min on 2 CPU cores, after the variants
+    .venv/bin/python benchmarks/time_to_table.py --quick    # the same procedure on tiny subsets, ~30-40 min
     .venv/bin/python benchmarks/time_to_table.py --reuse-stock  # time quantpipe only, against the last run's route (a)
+
+The first run of either builds the four variants (not timed; about 25 minutes on a fresh 2-core
+machine) into --work, where later runs of both find them.
 
 (a) stock: lm-eval's CLI (`lm-eval run --model hf`) once per row, one process each, on the base
     and on each variant checkpoint that `quantpipe build` saved: what a user does by hand after
