@@ -125,27 +125,26 @@ def compare(got, want) -> dict:
     }
 
 
-class _count_packed_rows:
-    """Counts the packed suffix rows quantpipe's scorer runs (PrefixCachingHFLM._packed_hidden)
-    until close(): rows, suffixes, trie nodes run and the suffix tokens they stand for."""
+@contextlib.contextmanager
+def packed_rows():
+    """The packed suffix rows quantpipe's scorer runs (PrefixCachingHFLM._packed_hidden) inside the
+    block, counted into the dict it yields: rows, suffixes, trie nodes run and the suffix tokens
+    they stand for."""
+    from pipeline.backends.prefix_cache import PrefixCachingHFLM, SuffixTrie
 
-    def __init__(self):
-        from pipeline.backends.prefix_cache import PrefixCachingHFLM, SuffixTrie
+    original = PrefixCachingHFLM._packed_hidden
+    counts = dict.fromkeys(("packed_rows", "packed_suffixes", "packed_nodes", "packed_suffix_tokens"), 0)
 
-        self.cls, self.original, self.rows = PrefixCachingHFLM, PrefixCachingHFLM._packed_hidden, []
-        original, rows = self.original, self.rows
+    def counted(lm, suffixes, *args):
+        for key, n in zip(counts, (1, len(suffixes), SuffixTrie.of(suffixes).nodes, sum(map(len, suffixes)))):
+            counts[key] += n
+        return original(lm, suffixes, *args)
 
-        def counted(lm, suffixes, *args):
-            rows.append((len(suffixes), SuffixTrie.of(suffixes).nodes, sum(map(len, suffixes))))
-            return original(lm, suffixes, *args)
-
-        PrefixCachingHFLM._packed_hidden = counted
-
-    def close(self) -> None:
-        self.cls._packed_hidden = self.original
-
-    def counts(self) -> tuple[int, int, int, int]:
-        return len(self.rows), *(sum(r[i] for r in self.rows) for i in range(3))
+    PrefixCachingHFLM._packed_hidden = counted
+    try:
+        yield counts
+    finally:
+        PrefixCachingHFLM._packed_hidden = original
 
 
 # -- a. bounded memory with a 262k vocabulary ------------------------------------------------------
@@ -187,24 +186,23 @@ def check_bounded_memory(device: str, tmp: Path, args) -> dict:
         "model_device": str(model.device),
     }
     scores, t0 = {}, time.time()
-    packed = _count_packed_rows()
     for name, which in (("quantpipe", lm), ("stock", stock)):
         which.loglikelihood(warm, disable_tqdm=True)  # allocator, kernels, workspaces: outside the measured block
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         t = time.time()
-        with peak_memory_bytes(device) as m:
+        with peak_memory_bytes(device) as m, packed_rows() as packed:
             scores[name] = which.loglikelihood(reqs, disable_tqdm=True)
+        if which is lm:
+            result |= packed
         result[name] = {
             "peak_bytes": m.bytes,
             "start_bytes": m.start_bytes,
             "grown_bytes": m.grown_bytes,
             "seconds": round(time.time() - t, 2),
         }
-    packed.close()
     result |= compare(scores["quantpipe"], scores["stock"])
     result["seconds"] = round(time.time() - t0, 1)
-    result["packed_rows"], result["packed_suffixes"], result["packed_nodes"], result["packed_suffix_tokens"] = packed.counts()
     q, s = result["quantpipe"]["grown_bytes"], result["stock"]["grown_bytes"]
     ok = q < s and result["max_abs_diff"] < 1e-3 and result["greedy_agree"] == len(reqs) and result["greedy_true"] > 0
     ok = ok and result["packed_rows"] > 0 and result["packed_nodes"] < result["packed_suffix_tokens"]  # the trie path ran and shared
@@ -269,11 +267,10 @@ def check_fp8(device: str, asset: Path, args) -> dict:
     t0 = time.time()
     kw = dict(pretrained=model, tokenizer=tok, max_length=max_length)
     alone = HFLM(batch_size=1, **kw).loglikelihood(reqs, disable_tqdm=True)
-    packed = _count_packed_rows()
-    runs = {f"quantpipe_batch{b}": lm.loglikelihood(reqs, disable_tqdm=True)}
-    lm.batch_size_per_gpu = len(reqs)
-    runs[f"quantpipe_batch{len(reqs)}"] = lm.loglikelihood(reqs, disable_tqdm=True)
-    packed.close()
+    with packed_rows() as packed:
+        runs = {f"quantpipe_batch{b}": lm.loglikelihood(reqs, disable_tqdm=True)}
+        lm.batch_size_per_gpu = len(reqs)
+        runs[f"quantpipe_batch{len(reqs)}"] = lm.loglikelihood(reqs, disable_tqdm=True)
     runs[f"stock_batch{b}_patched"] = HFLM(batch_size=b, **kw).loglikelihood(reqs, disable_tqdm=True)
     result = {
         "requests": len(reqs),
@@ -282,8 +279,7 @@ def check_fp8(device: str, asset: Path, args) -> dict:
         "model_device": str(model.device),
         "attention": model.config._attn_implementation,
         "vs_batch1": {k: compare(v, alone) for k, v in runs.items()},
-    }
-    result["packed_rows"], result["packed_suffixes"], result["packed_nodes"], result["packed_suffix_tokens"] = packed.counts()
+    } | packed
 
     # for information: stock compressed-tensors (no batch-invariant kernels), batch 1 against a batch
     plain = AutoModelForCausalLM.from_pretrained(asset, dtype="auto").eval().to(device)
