@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# lm-eval's seeds, the same for every row and engine (they enter every evaluation's key)
+SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -103,3 +106,16 @@ def refused_calibration_ids() -> set[str]:
 
 def evaluation_folders() -> set[str]:
     return {d.folder for d in EVALUATION_DATA}
+
+
+def item_scores(samples: list[dict], task: Task) -> dict[str, float]:
+    """Per-item headline metric keyed by '<subtask>/<doc_hash or doc_id>' (paired across rows)."""
+    col, out = task.column, {}
+    for s in samples:
+        if s.get("filter", "none") != col.filter or col.metric not in s:
+            continue
+        key = f"{s['task']}/{s.get('doc_hash') or s['doc_id']}"
+        v = s[col.metric]
+        v = v[0] if isinstance(v, list) else v
+        out[key] = float("nan") if v is None else float(v)  # null: a non-finite score, stored as strict JSON
+    return out

@@ -105,70 +105,37 @@ def _table(a) -> int:
     return 0
 
 
-def _run_folder(target: Path, artifacts: Path) -> tuple[Path, object]:
-    """A run folder, or a recipe file (its run folder under --artifacts) and the recipe's gate."""
+def _gate(a) -> int:
+    from .gate import evaluate_gate, junit_xml, resolve_config, stored_config, summary
+    from .store import dumps, run_lock
+
+    target, artifacts = Path(a.target), Path(a.artifacts)
+    recipe = None
     if target.is_file():
         from .recipe import load_recipe
 
         recipe = load_recipe(target)
-        return artifacts / recipe.name, recipe.gate
-    return target, None
-
-
-def _gate_config(settings: dict, max_drop: list[str] | None):
-    """The gate's settings with --max-drop BENCH=POINTS merged in, validated; one line if bad."""
-    from pydantic import ValidationError
-
-    from .recipe import GateConfig
-
-    for item in max_drop or []:
-        bench, _, value = item.partition("=")
-        try:
-            settings.setdefault("max_drop", {})[bench] = float(value)
-        except ValueError as e:
-            raise QuantpipeError(f"--max-drop expects BENCH=POINTS (e.g. GSM8K=2 or default=3), got '{item}'") from e
-    try:
-        return GateConfig.model_validate(settings)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise QuantpipeError(f"gate setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
-
-
-def _gate(a) -> int:
-    from .gate import evaluate_gate, junit_xml, summary
-    from .recipe import GateConfig
-    from .store import read_json
-    from .table import Table
-
-    root, cfg = _run_folder(Path(a.target), Path(a.artifacts))
-    path = root / "report" / "degradation.json"
-    if not path.is_file():
-        raise QuantpipeError(f"no table at {path}; run `quantpipe run` (or `quantpipe table {root}`) first")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise QuantpipeError(f"{path} is not valid JSON (an interrupted write?); run `quantpipe table {root}`")
-    table = Table.from_dict(data)
-    if cfg is None:
-        stored = (read_json(root / "recipe.json") or {}).get("gate")
-        cfg = GateConfig.model_validate(stored) if stored else None
-    merged = (cfg.model_dump() if cfg else {}) | {
-        k: v
-        for k, v in {
+        root = artifacts / recipe.name
+    else:
+        root = target
+    if not (root / "plan.json").is_file():
+        raise QuantpipeError(f"{root} holds no run (no plan.json); run `quantpipe run` first")
+    with run_lock(root, wait=a.wait):  # never a verdict on a run in progress
+        table = _current_table(root, recipe)
+        flags = {
             "max_avg_drop": a.max_avg_drop,
             "min_recovery": a.min_recovery,
             "max_kl": a.max_kl,
             "alpha": a.alpha,
             "point_estimate": a.point_estimate or None,
             "variants": a.variant,
-        }.items()
-        if v is not None
-    }
-    cfg = _gate_config(merged, a.max_drop)
+        }
+        cfg = resolve_config(recipe.gate if recipe else stored_config(root), flags, a.max_drop)
     if not cfg.has_thresholds():
         raise QuantpipeError("no thresholds: set gate: in the recipe or pass --max-drop / --max-avg-drop / --min-recovery / --max-kl")
     verdict = evaluate_gate(table, cfg)
     results().write(summary(verdict) + "\n")
-    for dest, text in ((a.json, lambda: json.dumps(verdict.to_dict(), indent=1)), (a.junit, lambda: junit_xml(verdict))):
+    for dest, text in ((a.json, lambda: dumps(verdict.to_dict(), indent=1)), (a.junit, lambda: junit_xml(verdict))):
         if dest:
             try:
                 Path(dest).write_text(text())
@@ -177,12 +144,51 @@ def _gate(a) -> int:
     return verdict.exit_code
 
 
+def _current_table(root: Path, recipe=None):
+    """The run's report table, refused unless it was built from the run's current plan (and, given a
+    recipe, from that recipe's plan as it stands now: another model, data or variant definition
+    changes step keys)."""
+    import tempfile
+
+    from .plan import step_keys
+    from .store import read_json
+    from .table import Table
+
+    path = root / "report" / "degradation.json"
+    data = read_json(path)
+    if not path.is_file():
+        raise QuantpipeError(f"no table at {path}; run `quantpipe run` (or `quantpipe table {root}`) first")
+    if not isinstance(data, dict):
+        raise QuantpipeError(f"{path} is not valid JSON (an interrupted write?); run `quantpipe table {root}`")
+    table = Table.from_dict(data)
+    if table.plan_keys != step_keys((read_json(root / "plan.json") or {}).get("steps", [])):
+        raise QuantpipeError(
+            f"the report in {root} was built from another plan than the run's current one (plan.json changed since: "
+            f"an interrupted run of a changed recipe?); finish the run (`quantpipe run`) or rebuild it (`quantpipe table {root}`)"
+        )
+    if recipe is not None:
+        from .job import Job
+
+        with tempfile.TemporaryDirectory(prefix="quantpipe-gate-") as work:
+            job = Job(recipe, root.parent, allow_code_execution=True, workdir=Path(work))
+            job.prepare()
+            current = step_keys([s.to_dict(job.root) for s in job.plan().steps])
+        stale = sorted(i for i, k in table.plan_keys.items() if current.get(i) != k)
+        if stale:
+            raise QuantpipeError(
+                f"the report in {root} is not for {recipe.source or recipe.name} as it stands now ({len(stale)} step(s) "
+                f"changed, e.g. '{stale[0]}': the recipe, its model or its data changed); run it again first"
+            )
+    return table
+
+
 def _plan(a) -> int:
+    from .gate import resolve_config
     from .planning import plan_report
     from .runner import run_local
 
     (job,) = _jobs(a)
-    cfg = _gate_config(job.recipe.gate.model_dump() if job.recipe.gate else {}, a.max_drop)
+    cfg = resolve_config(job.recipe.gate, max_drop=a.max_drop)
     if not cfg.max_drop:
         raise QuantpipeError("no margins: set gate.max_drop in the recipe or pass --max-drop BENCH=POINTS")
     if a.pilot:  # the first round of a random-order sequential run
@@ -217,21 +223,23 @@ def _validate(a) -> int:
 
 
 def _stages(a) -> int:
-    from .stages.registry import available_stages
+    from .stages.registry import STAGES
 
-    for name, ep in sorted(available_stages().items()):
-        results().write(f"{name:12s} {ep.value}  ({ep.dist.name if ep.dist else '?'})\n")
+    for name, e in STAGES.entries().items():
+        results().write(f"{name:12s} {e.value}  ({e.distribution} {e.version})\n")
     return 0
 
 
 def _backends(a) -> int:
-    from .backends.base import _load_class, available_backends
+    from .backends.base import BACKENDS
 
-    for name, ep in sorted(available_backends().items()):
-        cls = _load_class(ep)
-        results().write(
-            f"{name:12s} engine {cls.engine:8s} formats {', '.join(cls.formats):28s} {ep.value}  ({ep.dist.name if ep.dist else '?'})\n"
-        )
+    for name, e in BACKENDS.entries().items():
+        try:  # one broken plug-in is one line here, not the end of the listing
+            cls = BACKENDS.load(name)
+            what = f"engine {cls.engine:8s} formats {', '.join(cls.formats):28s}"
+        except QuantpipeError as err:
+            what = f"UNUSABLE: {err}"
+        results().write(f"{name:12s} {what} {e.value}  ({e.distribution} {e.version})\n")
     return 0
 
 
@@ -267,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", help="local dataset copies (overrides the recipe's eval.data_dir)")
     r.add_argument(
         "--engine",
-        choices=["default", "vllm"],
         help="evaluation engine (overrides the recipe's eval.engine); vllm needs a CUDA GPU",
     )
     r.add_argument(
@@ -307,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", action="append", help="check only this variant (repeatable)")
     g.add_argument("--json", help="write the verdict as JSON here")
     g.add_argument("--junit", help="write the verdict as JUnit XML here")
+    g.add_argument("--wait", action="store_true", help="wait for a run in progress instead of refusing")
 
     pl = cmd("plan", _plan, "items (and time) each check needs to decide, from stored results or a pilot round")
     recipe_args(pl)

@@ -21,7 +21,12 @@ def fmt_delta(c: Cell) -> str:
     p = c.paired
     if not p or not p.n:
         return ""
-    return f"Δ {fmt_points(p.diff)} [{fmt_points(p.ci_low)}, {fmt_points(p.ci_high)}]" + ("*" if p.significant else "")
+    out = f"Δ {fmt_points(p.diff)} [{fmt_points(p.ci_low)}, {fmt_points(p.ci_high)}]" + ("*" if p.significant else "")
+    if p.unpaired and p.base_mean is not None:
+        # the rows' items differ (a sequential run stops a variant early): both scores on the shared
+        # items, so the score beside the Δ is never read against the base's score on other items
+        out += f"; {p.n} paired items: base {100 * p.base_mean:.1f}, this {100 * p.variant_mean:.1f}"
+    return out
 
 
 def fmt_cell(c: Cell | None) -> str:
@@ -41,3 +46,12 @@ def fmt_bytes(n: int | None) -> str:
     if not n:
         return "–"
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def one_line(text: str, width: int = 120) -> str:
+    """A message for a table cell: its first line, shortened (the whole text is in the row's record
+    and the HTML report)."""
+    lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()] or [""]
+    head = lines[0].replace("|", "/")
+    more = len(lines) > 1 or len(head) > width
+    return (head[:width] + " …") if more else head

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import remote_code, store
 from .backends import LoadedModel, backend_for
+from .backends.base import BACKENDS
 from .backends import load as load_model
 from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
@@ -26,6 +27,7 @@ from .models import count_parameters, fingerprint, model_info, resolve_model
 from .plan import Plan, Step
 from .recipe import Recipe, check_against_model
 from .stages.base import StageContext
+from .stages.registry import STAGES
 from .types import Artifact
 
 log = logging.getLogger("quantpipe")
@@ -59,10 +61,14 @@ class ModelSlot:
 
     def __init__(self, job: Job):
         self.job, self.row, self.loaded = job, None, None
+        self.held_before: dict[str, int] = {}  # per device: held before the row's model loaded
 
     def get(self, row: str) -> LoadedModel:
         if self.row != row:
+            from .memory import held_bytes
+
             self.release()
+            self.held_before = {d: held_bytes(d) for d in ("cpu", "cuda")}
             art = self.job.artifact(row)
             log.debug("%s: loading %s for evaluation", row, art.path)
             ev = self.job.evaluator
@@ -153,7 +159,8 @@ class Job:
             for i, stage in enumerate(self.recipe.stages(row)):
                 params = stage.params.model_dump(mode="json")
                 calib = [calibration_fingerprint(self.recipe)] if stage.uses_calibration() else []
-                versions = store.lib_versions(stage.libraries)
+                # which implementation did the work: a plug-in of another distribution never shares its keys
+                versions = {**store.lib_versions(stage.libraries), "implementation": STAGES.identity(stage.name)}
                 if stage.revision:  # only where set, so other stages keep their keys
                     versions = {**versions, "stage_revision": stage.revision}
                 key = store.content_key(key, stage.name, params, versions, self.recipe.calibration.model_dump(), *calib)
@@ -181,7 +188,8 @@ class Job:
             art_key = art_step.key if art_step else self.base.key
             deps = (art_step.id,) if art_step else ()
             backend = backend_for(self._row_format(row), self.recipe.eval.engine)
-            versions = store.lib_versions(backend.libraries)  # a new torch or llama.cpp re-evaluates
+            # a new torch or llama.cpp re-evaluates; so does another backend for the same format
+            versions = {**store.lib_versions(backend.libraries), "implementation": BACKENDS.identity(backend.name)}
             if backend.revision:
                 versions = {**versions, "backend_revision": backend.revision}
             if backend.activation_kernel and any(s.quantizes_activations() for s in self._stages(row)):
@@ -191,9 +199,7 @@ class Job:
                 ends = round_ends(len(chunks), self.recipe.eval.round_growth)
                 for items in chunks:
                     settings = ev.settings(task, None if items is None else ev.selection(task, *items))
-                    path = self.root / row / "eval" / task
-                    if items is not None:
-                        path = path / f"items-{items[0]:06d}-{items[1]:06d}"
+                    path = self._eval_path(row, task, items)
                     rnd = bisect.bisect_right(ends, items[0] // self.recipe.eval.chunk_items) if items else 0
                     key = store.content_key(art_key, settings, versions)
                     plan.add(Step("eval", row, key, path, deps=deps, task=task, items=items, round=rnd))
@@ -210,6 +216,13 @@ class Job:
                 plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key, versions), self.root / row / "kl", deps=(*deps, kl_ref.id)))
         self._plan = plan
         return plan
+
+    def _eval_path(self, row: str, task: str, items: tuple[int, int] | None) -> Path:
+        """A first-N record at <row>/eval/<task>; a random-order chunk beside it, never inside it (records
+        never nest), under its order's seed, so both seeds' chunks live side by side."""
+        if items is None:
+            return self.root / row / "eval" / task
+        return self.root / row / "eval-random" / f"seed-{self.recipe.eval.seed}" / task / f"items-{items[0]:06d}-{items[1]:06d}"
 
     def _chunks(self, task: str) -> list[tuple[int, int] | None]:
         """[start, end) of each stored chunk of a random-order task; [None] for a first-N task."""
@@ -266,14 +279,15 @@ class Job:
             selection = None if step.items is None else self.evaluator.selection(step.task, *step.items)
             with peak_memory_bytes(_device(loaded)) as peak:
                 record, samples = self.evaluator.run(loaded, step.task, selection)
-            (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+            (tmp / "samples.jsonl").write_text("".join(store.dumps(s) + "\n" for s in samples))
             settings = self.evaluator.settings(step.task, selection)
             return {
                 **record,
                 "settings": settings,
                 "n_items": len(samples),
                 "items": step.items,
-                "peak_memory_bytes": peak.bytes,
+                # above what the process held before this row's model loaded: independent of execution order
+                "peak_memory_bytes": max(0, peak.bytes - models.held_before.get(_device(loaded).split(":")[0], 0)),
                 "weights_bytes": loaded.weights_bytes,
                 "batch_size": loaded.batch_size,  # as evaluated: batch_size auto resolved
             }

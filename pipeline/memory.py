@@ -142,3 +142,15 @@ def resident_bytes() -> int:
     if _STATUS.exists():
         return _status_kb("VmRSS")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def held_bytes(device: str = "cpu") -> int:
+    """What this process holds now, freed heap released first: resident set (CPU) or bytes allocated
+    by torch (GPU). A row's peak is measured above this, taken before its model loads, so it does
+    not depend on what the process did before (builds, other rows)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
+    _trim_heap()
+    return resident_bytes()

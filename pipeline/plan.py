@@ -81,3 +81,8 @@ class Plan:
             "steps": [s.to_dict(root) for s in self.steps],
             "artifacts": {r: s.id for r, s in self._artifact.items()},
         }
+
+
+def step_keys(steps: list[dict]) -> dict[str, str]:
+    """Step id -> key, from plan.json's steps: what a table was built from (a report from another plan is stale)."""
+    return {s["id"]: s["key"] for s in steps}

@@ -17,7 +17,7 @@ from . import sequential as sq
 from . import store
 from .benchmarks import COLUMNS
 from .errors import QuantpipeError
-from .recipe import GateConfig
+from .gate import GateConfig
 from .table import Table, build_table
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import QuantpipeError, RecipeError
+from .gate import GateConfig
 from .stages.registry import get_stage
 
 EVALS_DIR = Path(__file__).resolve().parent.parent / "evals"
@@ -41,7 +42,7 @@ class CalibrationSpec(Strict):
     text_field: str = "text"
     num_samples: int = Field(64, gt=0, le=100_000)
     seq_len: int = Field(256, ge=16, le=131_072)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 class TaskSpec(Strict):
@@ -66,8 +67,11 @@ class EvalSpec(Strict):
         "(on a GPU: allocated GPU memory); default: what is resident plus 80% of what is available",
     )
     data_dir: str | None = Field(None, description="local copies of the datasets (offline); relative to the recipe file")
-    engine: Literal["default", "vllm"] = Field(
-        "default", description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp)"
+    engine: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp); "
+        "or the engine a plug-in backend declares",
     )
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
     order: Literal["first_n", "random"] = Field(
@@ -77,7 +81,7 @@ class EvalSpec(Strict):
         "so any prefix is a random sample and a larger budget extends a smaller one. With random, `limit` is the "
         "task's item budget (all of MMLU, not per subject)",
     )
-    seed: int = Field(0, description="seed of the random item order")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the random item order")
     chunk_items: int = Field(100, ge=10, le=10_000, description="random order: items per stored chunk (the first round)")
     round_growth: float = Field(
         1.5,
@@ -123,45 +127,6 @@ class TaskResources(Strict):
 class Resources(Strict):
     build: TaskResources = Field(default_factory=TaskResources, description="one variant's stage chain")
     evaluate: TaskResources = Field(default_factory=TaskResources, description="one (row, benchmark) evaluation")
-
-
-class GateConfig(Strict):
-    """The deploy gate's thresholds (a non-inferiority test per check, see docs/statistics.md)."""
-
-    max_drop: dict[str, float] = Field(default_factory=dict, description="benchmark (or 'default') -> points")
-    max_avg_drop: float | None = Field(None, description="average relative drop, % (point estimate, reported)")
-    min_recovery: float | None = Field(None, gt=0, le=200, description="per benchmark: variant / base score, %")
-    max_kl: float | None = Field(None, ge=0, description="mean next-token KL to the base on the docs text, nats")
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="family-wise error rate per variant, across its checks")
-    point_estimate: bool = Field(False, description="decide on point estimates: not a test, and labelled so")
-    until_decided: bool = Field(False, description="evaluate in rounds (eval.order: random) until every check is decided")
-    method: Literal["agrapa", "betting", "eb"] = Field(
-        "agrapa",
-        description="confidence sequence (docs/statistics.md): agrapa: betting with bets tuned to the margin "
-        "(fewest items); betting: predictable plug-in hedged; eb: empirical Bernstein",
-    )
-    variants: list[str] | None = None
-
-    @field_validator("max_drop")
-    @classmethod
-    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
-        for k, x in v.items():
-            if not (math.isfinite(x) and 0 <= x < 100):
-                raise ValueError(f"max_drop.{k}: {x} is not a number of points in [0, 100)")
-        return v
-
-    @field_validator("max_avg_drop")
-    @classmethod
-    def _finite_avg(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-    def limit(self, bench: str) -> float | None:
-        return self.max_drop.get(bench, self.max_drop.get("default"))
-
-    def has_thresholds(self) -> bool:
-        return bool(self.max_drop) or any(x is not None for x in (self.max_avg_drop, self.min_recovery, self.max_kl))
 
 
 class StageSpec(BaseModel):

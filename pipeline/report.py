@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import store
-from .formatting import fmt_avg, fmt_bytes, fmt_cell
+from .formatting import fmt_avg, fmt_bytes, fmt_cell, one_line
 from .table import Table, build_table
 
 LAYOUTS = ("methods", "section7")
@@ -28,13 +28,15 @@ def _footer(t: Table) -> list[str]:
         "Scores in % (mean ± standard error over items). Δ: variant minus base in points, with a paired 95% "
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "
         "test for 0/1 metrics, paired bootstrap otherwise). Avg drop: the mean over benchmarks of the relative "
-        "drop (base − variant) / base, in %, over the benchmarks where the base scores above 0. Items per benchmark: "
+        "drop (base − variant) / base, in %, both on the items the two rows share, over the benchmarks where the base "
+        "scores above 0 there. Items per benchmark: "
         + ", ".join(f"{c} {k}" for c, k in n.items())
         + ".",
         "; ".join(f"{c.name}: {c.label}" + (f" ({c.n_shot}-shot)" if c.n_shot is not None else "") for c in t.columns)
         + ". Size: bytes on disk of the artifact's files. Weights in memory: the loaded model's weights as evaluated "
-        "(dequantized on CPU; llama.cpp's model buffers for GGUF). Peak memory: the largest resident set (CPU) or "
-        "CUDA allocation (GPU) while evaluating the row.",
+        "(dequantized on CPU; llama.cpp's model buffers for GGUF). Peak memory: the largest growth of the resident set "
+        "(CPU) or CUDA allocation (GPU) over what the process held before the row's model was loaded (freed heap "
+        "released first), while evaluating the row: the same whatever ran before it.",
     ]
 
 
@@ -47,7 +49,7 @@ def _methods(t: Table) -> list[str]:
     for r in t.rows:
         if r.error and not r.cells:
             lines.append(
-                f"| {r.name} | {r.bits or '–'} | " + " | ".join(["failed"] * len(cols)) + f" | – | – | – | error: {r.error[:80]} |"
+                f"| {r.name} | {r.bits or '–'} | " + " | ".join(["failed"] * len(cols)) + f" | – | – | – | error: {one_line(r.error, 80)} |"
             )
             continue
         lines.append(
@@ -99,7 +101,10 @@ def _divergence(t: Table) -> list[str]:
 def to_markdown(t: Table, layout: str = "methods", verdict_lines: list[str] | None = None) -> str:
     lines = (_section7 if layout == "section7" else _methods)(t)
     lines += ["", *_footer(t), "", "How each row was evaluated:"]
-    lines += [f"- {r.name}: {r.evaluated_as or '–'}" + (f" — error: {r.error}" if r.error else "") for r in t.rows]
+    lines += [f"- {r.name}: {r.evaluated_as or '–'}" + (f" — error: {one_line(r.error)}" if r.error else "") for r in t.rows]
+    damaged = [f"- {r.name}: {d}" for r in t.rows for d in r.damaged]
+    if damaged:
+        lines += ["", "Damaged stored records (recomputed by the next run; the scores above stop before them):", *damaged]
     lines += _divergence(t)
     if verdict_lines:
         lines += ["", "Deploy gate:", "", "```", *verdict_lines, "```"]
@@ -138,7 +143,7 @@ def to_csv(t: Table) -> str:
         ]
     )
     for r in t.rows:
-        row = [r.name, r.bits or ""]
+        row = [_cell_text(r.name), _cell_text(r.bits or "")]
         for c in cols:
             cell = r.cells.get(c)
             p = cell.paired if cell else None
@@ -155,8 +160,8 @@ def to_csv(t: Table) -> str:
                 r.peak_memory_bytes or "",
                 _blank(r.avg_drop_pct),
                 *(["", "", ""] if d is None else [d.mean_kl, d.top1_agreement, d.ppl_ratio]),
-                r.evaluated_as,
-                r.error or "",
+                _cell_text(r.evaluated_as),
+                _cell_text(r.error or ""),
             ]
         )
     return buf.getvalue()
@@ -164,6 +169,12 @@ def to_csv(t: Table) -> str:
 
 def _blank(x):
     return "" if x is None else x
+
+
+def _cell_text(s: str) -> str:
+    """Text that a spreadsheet would run as a formula (plug-ins control names, bits and messages) is
+    quoted with a leading apostrophe (OWASP's CSV-injection advice)."""
+    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") else s
 
 
 def model_card(t: Table, name: str) -> str:
@@ -202,15 +213,11 @@ def _card_name(row: str) -> str:
 def write_report(root: Path, gate_cfg=None) -> Path:
     """Build the table and write every report file as one set: a fresh folder, switched into place
     atomically (`report` is a symlink to it), so a reader never sees files from two runs."""
-    import json
-
-    from .recipe import GateConfig
+    from .gate import stored_config
     from .report_html import to_html
 
     t = build_table(root)
-    if gate_cfg is None:
-        g = (store.read_json(root / "recipe.json") or {}).get("gate")
-        gate_cfg = GateConfig.model_validate(g) if g else None
+    gate_cfg = gate_cfg or stored_config(root)
     verdict = verdict_lines = None
     if gate_cfg is not None and gate_cfg.has_thresholds():
         from .gate import evaluate_gate, summary
@@ -224,10 +231,10 @@ def write_report(root: Path, gate_cfg=None) -> Path:
         f"# {t.recipe}: quality degradation (Section 7 layout)\n\n" + to_markdown(t, "section7", verdict_lines)
     )
     (version / "degradation.csv").write_text(to_csv(t))
-    (version / "degradation.json").write_text(json.dumps(t.to_dict(), indent=1, default=str) + "\n")
+    (version / "degradation.json").write_text(store.dumps(t.to_dict(), indent=1) + "\n")
     (version / "report.html").write_text(to_html(t, verdict))
     if verdict:
-        (version / "gate.json").write_text(json.dumps(verdict.to_dict(), indent=1) + "\n")
+        (version / "gate.json").write_text(store.dumps(verdict.to_dict(), indent=1) + "\n")
     for r in t.rows:
         if not r.is_base and r.cells:
             (version / "model-cards").mkdir(exist_ok=True)

@@ -99,6 +99,7 @@ def to_html(t: Table, verdict=None) -> str:
     rows = []
     for r in t.rows:
         err = f"<br><span class='err'>error: {html.escape(r.error)}</span>" if r.error else ""
+        err += "".join(f"<br><span class='err'>damaged record: {html.escape(d)}</span>" for d in r.damaged)
         rows.append(
             f"<tr><th>{html.escape(r.name)}{err}</th><td>{html.escape(str(r.bits or '–'))}</td>"
             + "".join(_cell(r.cells.get(c)) for c in cols)

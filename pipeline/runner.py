@@ -78,11 +78,11 @@ def run_rounds(job: Job, plan: Plan, execute: Callable[[list[Step]], None], max_
     execute([s for s in plan.steps if s.kind != "eval" or s.round == 0])
     for r in range(1, min(plan.rounds(), max_rounds or plan.rounds())):
         verdict = evaluate_gate(build_table(job.root), cfg)
-        open_checks = [c for c in verdict.checks if c.status == "undecided" and c.check.split(" ")[0] in task_of]
+        open_checks = [c for c in verdict.checks if c.status == "undecided" and c.column in task_of]
         if not open_checks:
             log.info("every check is decided after round %d", r - 1)
             return
-        pairs = {(c.variant, task_of[c.check.split(" ")[0]]) for c in open_checks}
+        pairs = {(c.variant, task_of[c.column]) for c in open_checks}
         tasks = {t for _, t in pairs}
         steps = [
             s

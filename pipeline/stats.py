@@ -23,6 +23,9 @@ class Paired:
     test: str
     correct_to_wrong: int | None = None  # flips, binary metrics only
     wrong_to_correct: int | None = None
+    base_mean: float | None = None  # both rows' scores on the paired items: every comparison between rows uses these
+    variant_mean: float | None = None
+    unpaired: int = 0  # items only one of the two rows has (left out of every comparison)
 
     @property
     def significant(self) -> bool:
@@ -48,6 +51,7 @@ def paired(base: dict[str, float], variant: dict[str, float], iters: int = 10_00
     keys = sorted(set(base) & set(variant))
     if not keys:
         return Paired(0, float("nan"), float("nan"), float("nan"), float("nan"), "none")
+    unpaired = len(set(base) ^ set(variant))
     b = np.array([base[k] for k in keys])
     v = np.array([variant[k] for k in keys])
     d = v - b
@@ -59,9 +63,9 @@ def paired(base: dict[str, float], variant: dict[str, float], iters: int = 10_00
         c2w = int(((b == 1) & (v == 0)).sum())
         w2c = int(((b == 0) & (v == 1)).sum())
         p = 1.0 if c2w + w2c == 0 else binomtest(c2w, c2w + w2c, 0.5).pvalue
-        return Paired(len(d), float(d.mean()), float(lo), float(hi), float(p), "mcnemar-exact", c2w, w2c)
+        return Paired(len(d), float(d.mean()), float(lo), float(hi), float(p), "mcnemar-exact", c2w, w2c, float(b.mean()), float(v.mean()), unpaired)
     if not d.any():
         p = 1.0
     else:
         p = min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
-    return Paired(len(d), float(d.mean()), float(lo), float(hi), float(p), "paired-bootstrap")
+    return Paired(len(d), float(d.mean()), float(lo), float(hi), float(p), "paired-bootstrap", None, None, float(b.mean()), float(v.mean()), unpaired)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -55,6 +56,23 @@ def read_json(path: Path):
         return None
 
 
+def jsonable(obj):
+    """`obj` with every non-finite float as null: strict JSON (NaN and Infinity are not JSON, and strict
+    parsers reject them). Readers take null as "not a number" (e.g. a standard error of one item)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Every JSON text quantpipe writes: strict (no NaN/Infinity), unknown types as strings."""
+    return json.dumps(jsonable(json.loads(json.dumps(obj, default=str))), allow_nan=False, **kwargs)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -66,7 +84,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -103,12 +121,18 @@ def fingerprint_files(paths) -> str:
     return h.hexdigest()[:16]
 
 
+def nested_records(folder: Path) -> list[Path]:
+    """Records stored inside `folder` (by an older layout): never part of its files, never deleted with it."""
+    return sorted(m.parent for m in folder.rglob(MANIFEST) if m.parent != folder)
+
+
+def _own_files(folder: Path) -> list[Path]:
+    nested = nested_records(folder)
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST and not any(n in p.parents for n in nested)]
+
+
 def file_table(folder: Path) -> dict[str, dict]:
-    return {
-        str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _own_files(folder)}
 
 
 def dir_size(folder: Path) -> int:
@@ -126,6 +150,8 @@ class Record:
 
 def verify(folder: Path, key: str) -> tuple[Record | None, str]:
     """(record, "") when the folder is a complete record with this key, else (None, why)."""
+    if folder.is_symlink():
+        return None, "a symbolic link, not a stored record"
     mf = folder / MANIFEST
     if not mf.is_file():
         return None, "incomplete (no manifest)" if folder.exists() else "absent"
@@ -159,8 +185,13 @@ def _commit(tmp: Path, final: Path, key: str, meta: dict) -> Record:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write_json(tmp / MANIFEST, manifest)
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        final.unlink()  # a damaged record: the link goes, never what it points to
+    elif final.exists():
+        for inner in nested_records(final):  # another record inside the old one moves into the new one
+            (tmp / inner.relative_to(final)).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(inner, tmp / inner.relative_to(final))
+        shutil.rmtree(final)
     os.replace(tmp, final)
     return Record(final, key, json.loads(json.dumps(meta, default=str)))
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import store
-from .benchmarks import COLUMNS
+from .benchmarks import COLUMNS, item_scores
 from .errors import QuantpipeError
-from .evaluation import item_scores
+from .plan import step_keys
 from .stats import Paired, mean_stderr, paired
 
 
@@ -62,6 +62,7 @@ class Row:
     avg_drop_pct: float | None = None
     peak_memory_bytes: int | None = None  # the largest of its evaluations
     weights_bytes: int | None = None  # its weights in memory as evaluated
+    damaged: list[str] = field(default_factory=list)  # stored records it should have and cannot use, and why
 
     @property
     def is_base(self) -> bool:
@@ -82,6 +83,7 @@ class Table:
     columns: list[ColumnInfo]
     rows: list[Row]
     n_params: int | None = None
+    plan_keys: dict[str, str] = field(default_factory=dict)  # step id -> key of the plan it was built from
 
     def row(self, name: str) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -96,13 +98,19 @@ class Table:
     @classmethod
     def from_dict(cls, d: dict) -> Table:
         """The JSON form back; raises QuantpipeError naming what is missing or malformed."""
+        nan = lambda x: float("nan") if x is None else x  # strict JSON stores NaN as null
         try:
             rows = []
             for r in d["rows"]:
-                cells = {c: Cell(**{**v, "paired": Paired(**v["paired"]) if v.get("paired") else None}) for c, v in r["cells"].items()}
-                div = {k: Divergence(**v) for k, v in (r.get("divergence") or {}).items()}
+                cells = {}
+                for c, v in r["cells"].items():
+                    p = v.get("paired")
+                    p = Paired(**{**p, **{k: nan(p[k]) for k in ("diff", "ci_low", "ci_high", "p_value")}}) if p else None
+                    items = {k: nan(x) for k, x in v["items"].items()}
+                    cells[c] = Cell(**{**v, "score": nan(v["score"]), "stderr": nan(v["stderr"]), "items": items, "paired": p})
+                div = {k: Divergence(**{f: nan(x) if f != "window_kl" else x for f, x in v.items()}) for k, v in (r.get("divergence") or {}).items()}
                 rows.append(Row(**{**r, "cells": cells, "divergence": div}))
-            return cls(d["recipe"], [ColumnInfo(**c) for c in d["columns"]], rows, d.get("n_params"))
+            return cls(d["recipe"], [ColumnInfo(**c) for c in d["columns"]], rows, d.get("n_params"), d.get("plan_keys") or {})
         except (KeyError, TypeError, ValueError) as e:
             raise QuantpipeError(f"the table is malformed ({type(e).__name__}: {e})") from e
 
@@ -117,24 +125,35 @@ def _n_shot(rec: dict, task: str) -> int | None:
     return shots.pop() if len(shots) == 1 else None
 
 
-def _records(root: Path, index: dict, row: str, kind: str, task: str | None = None) -> list[store.Record]:
+def _records(root: Path, index: dict, row: str, kind: str, task: str | None = None) -> tuple[list[store.Record], str | None]:
     """The row's verified records of one kind, in plan order, up to the first one not (yet) there:
     a sequential run stops a (row, task) after the round that decided it, so its evaluation is a
-    prefix of its planned chunks."""
-    out = []
+    prefix of its planned chunks. Also what is damaged: a record that exists and fails verification,
+    or one missing while a later one is stored (deleted), named with why."""
+    out, missing, damaged = [], None, None
     for s in index["steps"]:
-        if s["row"] == row and s["kind"] == kind and s.get("task") == task:
-            rec, _ = store.verify(root / s["path"], s["key"])
-            if rec is None:
-                break
+        if s["row"] != row or s["kind"] != kind or s.get("task") != task:
+            continue
+        rec, why = store.verify(root / s["path"], s["key"])
+        if rec is None and why != "absent" and damaged is None:
+            damaged = f"{s['path']}: {why}"
+        elif rec is not None and missing is not None and damaged is None:
+            damaged = f"{missing}: deleted (a later record of it is stored)"
+        if rec is None:
+            missing = missing or s["path"]
+        elif missing is None:
             out.append(rec)
-    return out
+    if damaged:
+        damaged += f"; {'the row' if task is None else task} uses the {len(out)} record(s) before it"
+    return out, damaged
 
 
-def _scores(root: Path, index: dict, row: str) -> tuple[dict[str, Cell], dict[str, int | None]]:
-    cells, shots = {}, {}
+def _scores(root: Path, index: dict, row: str) -> tuple[dict[str, Cell], dict[str, int | None], list[str]]:
+    cells, shots, damaged = {}, {}, []
     for task in COLUMNS:
-        recs = _records(root, index, row, "eval", task.name)
+        recs, bad = _records(root, index, row, "eval", task.name)
+        if bad:
+            damaged.append(bad)
         if not recs:
             continue
         items: dict[str, float] = {}
@@ -157,7 +176,7 @@ def _scores(root: Path, index: dict, row: str) -> tuple[dict[str, Cell], dict[st
             weights_bytes=recs[0].meta.get("weights_bytes"),
         )
         shots[task.column.name] = _n_shot(recs[0].meta, task.name)
-    return cells, shots
+    return cells, shots, damaged
 
 
 def _row_info(root: Path, index: dict, row: str) -> tuple[str | None, str | None, int | None, list[dict]]:
@@ -177,22 +196,25 @@ def build_table(root: Path) -> Table:
     index = store.read_json(root / "plan.json")
     if not isinstance(index, dict) or "steps" not in index:
         raise QuantpipeError(f"{root} holds no run index (plan.json); run `quantpipe run` first")
-    base_cells, shots = _scores(root, index, "base")
+    base_cells, shots, base_damaged = _scores(root, index, "base")
     columns = [ColumnInfo(t.column.name, t.name, t.column.label, shots.get(t.column.name)) for t in COLUMNS]
     rows = []
     for name in index["rows"]:
         bits, fmt, size, chain = _row_info(root, index, name)
         err = store.read_json(root / name / "error.json")
-        cells = base_cells if name == "base" else _scores(root, index, name)[0]
+        cells, _, damaged = (base_cells, shots, base_damaged) if name == "base" else _scores(root, index, name)
         drops = []
         for col, cell in cells.items():
             b = base_cells.get(col)
             if name != "base" and b:
-                cell.paired = paired(b.items, cell.items)
-                if b.score > 0:
-                    cell.relative_drop_pct = 100 * (b.score - cell.score) / b.score
+                # every comparison with the base is on the items both rows have (a sequential run
+                # stops a variant early): never one row's items against another's
+                cell.paired = p = paired(b.items, cell.items)
+                if p.n and p.base_mean > 0:
+                    cell.relative_drop_pct = 100 * (p.base_mean - p.variant_mean) / p.base_mean
                     drops.append(cell.relative_drop_pct)
-        kl = _records(root, index, name, "kl")
+        kl, kl_damaged = _records(root, index, name, "kl")
+        damaged = [*damaged, kl_damaged] if kl_damaged else damaged
         divergence = {k: Divergence(**v) for k, v in kl[0].meta["sets"].items()} if kl else {}
         evaluated = {c.evaluated_as for c in cells.values() if c.evaluated_as}
         peaks = [c.peak_memory_bytes for c in cells.values() if c.peak_memory_bytes]
@@ -211,9 +233,10 @@ def build_table(root: Path) -> Table:
                 sum(drops) / len(drops) if drops else None,
                 max(peaks) if peaks else None,
                 max(weights) if weights else None,
+                damaged,
             )
         )
-    return Table(root.name, columns, rows, (index.get("base") or {}).get("n_params"))
+    return Table(root.name, columns, rows, (index.get("base") or {}).get("n_params"), step_keys(index["steps"]))
 
 
 def finite(x) -> bool:

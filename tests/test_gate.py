@@ -193,7 +193,7 @@ def test_gate_reads_the_run_of_a_recipe_under_artifacts(tmp_path):
 def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
     from pipeline import sequential as sq
     from pipeline.planning import plan_report
-    from pipeline.recipe import GateConfig
+    from pipeline.gate import GateConfig
 
     closer = [0] * 6 + BASE[6:]  # a 3-point drop against a 5-point margin: harder to decide than no drop
     over = [0] * 20 + BASE[20:]  # a 10-point drop: sized to fail, as a drop under the margin is sized to pass

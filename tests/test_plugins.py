@@ -44,16 +44,16 @@ class RoundStage(Stage):
 '''
 
 
-def install_plugin(tmp_path, name: str, package: str, source: str, entry_points: str) -> dict:
+def install_plugin(tmp_path, name: str, package: str, source: str, entry_points: str, version: str = "0.0.1") -> dict:
     """Install a throwaway distribution into its own folder; the environment that sees it."""
-    src = tmp_path / f"src-{name}"
+    src = tmp_path / f"src-{name}-{version}"
     (src / package).mkdir(parents=True)
     (src / package / "__init__.py").write_text(source)
     (src / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
-        f'[project]\nname = "{name}"\nversion = "0.0.1"\n{entry_points}\n[tool.setuptools]\npackages = ["{package}"]\n'
+        f'[project]\nname = "{name}"\nversion = "{version}"\n{entry_points}\n[tool.setuptools]\npackages = ["{package}"]\n'
     )
-    site = tmp_path / f"site-{name}"
+    site = tmp_path / f"site-{name}-{version}"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)],
         check=True,
@@ -202,3 +202,92 @@ def test_third_party_backend_via_entry_point_evaluates_a_new_format(tiny_model, 
     row = {x["name"]: x for x in t["rows"]}["half"]
     assert row["evaluated_as"] == "fp16 weights through the half-backend plug-in" and row["cells"]["TruthfulQA"]["n"] == 3
     assert 0 <= row["divergence"]["docs"]["mean_kl"] < 0.01  # KL through the plug-in's next_token_logprobs
+
+
+COPY = '''
+"""A stage that only copies the base weights (what a careless or hostile plug-in might call fp8)."""
+import shutil
+
+from pipeline.stages.base import Artifact, Stage, StageParams
+
+
+class CopyStage(Stage):
+    name = "NAME"
+    Params = StageParams
+
+    def run(self, inp, out_dir, ctx):
+        shutil.copytree(inp.path, out_dir, dirs_exist_ok=True)
+        return Artifact(out_dir, "hf", key="", bits="copy")
+'''
+
+BACKEND = '''
+from pipeline.backends.base import Backend
+
+
+class PlugBackend(Backend):
+    name = "plug-hf"
+    formats = ("hf",)
+    engine = "ENGINE"
+'''
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], env=env, capture_output=True, text=True)
+
+
+def test_a_plugin_may_not_reuse_a_builtin_stage_name(tmp_path):
+    env = install_plugin(tmp_path, "qp-evil", "qp_evil", COPY.replace("NAME", "fp8"), '[project.entry-points."quantpipe.stages"]\nfp8 = "qp_evil:CopyStage"\n')
+    r = cli("stages", env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "stage 'fp8' is registered twice" in r.stderr and "quantpipe" in r.stderr and "qp-evil" in r.stderr
+
+
+def test_a_plugin_backend_for_a_builtin_format_is_used_only_for_its_own_engine(tmp_path):
+    pick = "from pipeline.backends import backend_for; import sys; print(backend_for('hf', sys.argv[1]).__name__)"
+    for engine, expect in (("default", "TransformersBackend"), ("plug", "PlugBackend")):
+        env = install_plugin(
+            tmp_path, f"qp-plug-{engine}", "qp_plug", BACKEND.replace("ENGINE", engine), '[project.entry-points."quantpipe.backends"]\nplug-hf = "qp_plug:PlugBackend"\n'
+        )
+        r = subprocess.run([sys.executable, "-c", pick, engine], env=env, capture_output=True, text=True)
+        assert r.stdout.strip() == expect, r.stderr
+    r = subprocess.run([sys.executable, "-c", pick, "nope"], capture_output=True, text=True)
+    assert "unknown eval engine 'nope'" in r.stderr
+
+
+def test_broken_plugins_are_one_line_naming_their_distribution_and_unused_ones_are_not_imported(tiny_model, tmp_path):
+    broken = "raise RuntimeError('plug-in bug')\n"
+    env = install_plugin(
+        tmp_path,
+        "qp-broken",
+        "qp_broken",
+        broken,
+        '[project.entry-points."quantpipe.backends"]\nbroken-be = "qp_broken:B"\n[project.entry-points."quantpipe.stages"]\nbroken-st = "qp_broken:S"\n',
+    )
+    r = cli("backends", env=env)
+    assert r.returncode == 0 and "UNUSABLE" in r.stdout and "qp-broken" in r.stdout and "transformers" in r.stdout
+    spec = {"name": "b", "model": {"id": str(tiny_model), "dtype": "float32"}, "offline": True, "eval": {"suite": "smoke"}}
+    fine, bad = tmp_path / "fine.yaml", tmp_path / "bad.yaml"
+    fine.write_text(yaml.safe_dump({**spec, "variants": {"f": [{"stage": "fp8"}]}}))
+    bad.write_text(yaml.safe_dump({**spec, "variants": {"x": [{"stage": "broken-st"}]}}))
+    r = cli("build", fine, "--artifacts", tmp_path / "art", env=env)  # the broken backend is never imported
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli("validate", bad, env=env)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "qp-broken" in r.stderr and "plug-in bug" in r.stderr and "internal error" not in r.stderr
+
+
+def test_a_stage_key_names_the_distribution_that_built_it(tiny_model, tmp_path):
+    """The same stage name and parameters from another implementation never reuses the first one's record."""
+    recipe = tmp_path / "r.yaml"
+    spec = {"name": "c", "model": {"id": str(tiny_model), "dtype": "float32"}, "offline": True, "variants": {"c": [{"stage": "copy"}]}}
+    recipe.write_text(yaml.safe_dump(spec))
+    outs, envs = [], {}
+    for version in ("0.0.1", "0.0.1", "0.0.2"):
+        if version not in envs:
+            ep = '[project.entry-points."quantpipe.stages"]\ncopy = "qp_copy:CopyStage"\n'
+            envs[version] = install_plugin(tmp_path, "qp-copy", "qp_copy", COPY.replace("NAME", "copy"), ep, version)
+        env = envs[version]
+        r = cli("build", recipe, "--artifacts", tmp_path / "art", env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append([line for line in r.stderr.splitlines() if "build c[0] copy" in line][0])
+    assert not outs[0].endswith("reused") and outs[1].endswith("reused") and not outs[2].endswith("reused"), outs

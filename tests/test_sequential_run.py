@@ -43,7 +43,7 @@ def write_recipe(tmp: Path, model: Path, data_dir: Path, limit: int, gate: dict 
 
 
 def eval_records(root: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in root.glob("*/eval/*/items-*/manifest.json")}
+    return {p: p.stat().st_mtime_ns for p in root.glob("*/eval-random/seed-*/*/items-*/manifest.json")}
 
 
 def test_a_larger_budget_evaluates_only_the_new_items(tiny_model, data_dir, tmp_path):
@@ -84,7 +84,7 @@ def test_until_decided_stops_when_decided_and_resumes_after_sigkill(tiny_model, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", hard, "--artifacts", art], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    marker = art / "hard" / "tq" / "eval" / "truthfulqa_mc2" / "items-000020-000040" / "manifest.json"
+    marker = art / "hard" / "tq" / "eval-random" / "seed-0" / "truthfulqa_mc2" / "items-000020-000040" / "manifest.json"
     deadline = time.time() + 1200
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

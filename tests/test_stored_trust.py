@@ -121,3 +121,68 @@ def test_table_waits_for_a_run_and_the_gate_reads_only_complete_reports(run, tmp
     shutil.rmtree(root / ".reports")
     g = quantpipe("gate", root, "--max-drop", "default=50", check=False)
     assert g.returncode == 2 and "no table" in g.stderr
+
+
+def _variant_recipe(r: Path, dest: Path, **eval_changes) -> Path:
+    spec = yaml.safe_load(r.read_text())
+    spec["eval"].update(eval_changes)
+    dest.write_text(yaml.safe_dump(spec))
+    return dest
+
+
+def test_first_n_and_random_runs_in_one_folder_keep_each_others_results(run, tmp_path):
+    """Switching eval.order (and the order's seed) back and forth in one run folder recomputes nothing
+    the other mode stored: the records never nest, and each seed's chunks have their own folder."""
+    r, _, _, root = run
+    tasks = {"humaneval": None, "gsm8k": None, "mmlu": None, "truthfulqa_mc1": None, "truthfulqa_mc2": {"limit": 20}}
+    rnd = _variant_recipe(r, tmp_path / "random.yaml", order="random", chunk_items=10, tasks=tasks)
+    rnd1 = _variant_recipe(r, tmp_path / "random1.yaml", order="random", chunk_items=10, tasks=tasks, seed=1)
+    art = tmp_path / "art"
+    first = quantpipe("run", rnd, "--artifacts", art)
+    assert len(computed(first.stderr)) == 4, first.stderr  # 2 rows x 2 chunks
+    for again, n_computed in ((r, 0), (rnd, 0), (rnd1, 4), (rnd, 0), (rnd1, 0), (r, 0)):
+        out = quantpipe("run", again, "--artifacts", art)
+        assert "recomputing" not in out.stderr and len(computed(out.stderr)) == n_computed, (again.name, out.stderr)
+    assert table_numbers(root)["base"]["TruthfulQA"][1] == 3  # the last run was first-N: its 3 items
+
+
+def test_the_gate_refuses_a_stale_report_and_a_run_in_progress(run, tmp_path):
+    from pipeline.job import Job
+    from pipeline.recipe import load_recipe
+
+    r, _, _, root = run
+    assert quantpipe("gate", root, "--max-drop", "default=50", "--point-estimate", check=False).returncode in (0, 1)
+    assert quantpipe("gate", r, "--artifacts", tmp_path / "art", "--max-drop", "default=50", "--point-estimate", check=False).returncode in (0, 1)
+    # the recipe redefines its variant and a run of it is killed after writing its plan
+    spec = yaml.safe_load(r.read_text())
+    spec["variants"]["tq"][0]["preset"] = "turboquant_4bit_nc"
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(spec))
+    Job(load_recipe(changed), tmp_path / "art").start()
+    for target in (root, changed):
+        g = quantpipe("gate", target, "--artifacts", tmp_path / "art", "--max-drop", "default=50", "--point-estimate", check=False)
+        assert g.returncode == 2 and "another plan than the run's current one" in g.stderr, g.stderr
+    quantpipe("run", r, "--artifacts", tmp_path / "art")  # the original recipe again: its report is current
+    g = quantpipe("gate", changed, "--artifacts", tmp_path / "art", "--max-drop", "default=50", "--point-estimate", check=False)
+    assert g.returncode == 2 and "as it stands now" in g.stderr, g.stderr
+    with run_lock(root):
+        g = quantpipe("gate", root, "--max-drop", "default=50", "--point-estimate", check=False)
+        assert g.returncode == 2 and "in use by another run" in g.stderr
+
+
+def test_peak_memory_does_not_depend_on_what_the_process_held_before(run, tmp_path):
+    import numpy as np
+
+    from pipeline.job import Job
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_local
+
+    r, _, _, _ = run
+    peaks = []
+    for i, ballast_mib in enumerate((0, 512)):
+        ballast = np.ones(ballast_mib * 2**17)  # float64: touched, so resident
+        run_local(Job(load_recipe(r), tmp_path / f"fresh-{i}"))
+        rec = json.loads((tmp_path / f"fresh-{i}" / "t" / "base" / "eval" / "truthfulqa_mc2" / "manifest.json").read_text())
+        peaks.append(rec["meta"]["peak_memory_bytes"])
+        del ballast
+    assert abs(peaks[0] - peaks[1]) < 128 * 2**20, peaks  # the 512 MiB held before the row is not the row's

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import QuantpipeError
+from ..registry import Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,28 +68,42 @@ class Backend:
         raise QuantpipeError(f"backend '{self.name}' gives no next-token distributions")
 
 
-def available_backends() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+BACKENDS: Registry[Backend] = Registry(GROUP, "backend")
 
 
-def _load_class(ep) -> type[Backend]:
-    cls = ep.load()
-    if getattr(cls, "name", None) != ep.name:
-        raise QuantpipeError(
-            f"entry point '{ep.name}' ({ep.value}) loads a backend whose .name is {getattr(cls, 'name', None)!r}; they must match"
-        )
-    return cls
+def _serving(classes: list[type[Backend]], fmt: str, engine: str) -> type[Backend] | None:
+    return next((c for c in classes if c.engine == engine and fmt in c.formats), None)
 
 
 def backend_for(fmt: str, engine: str = DEFAULT_ENGINE) -> type[Backend]:
-    """The backend registered for (format, engine); an engine without one for this format (vLLM and
-    GGUF) falls back to the default engine's."""
-    classes = [_load_class(ep) for ep in available_backends().values()]
-    for want in dict.fromkeys((engine, DEFAULT_ENGINE)):
-        for cls in classes:
-            if cls.engine == want and fmt in cls.formats:
-                return cls
-    known = ", ".join(sorted({f for c in classes for f in c.formats})) or "none"
+    """The backend for (format, engine). Built-ins serve their formats on their engines, and a plug-in
+    that claims a built-in format is used only when the recipe names the plug-in's engine; an engine
+    without a backend for this format (vLLM and GGUF) falls back to the default engine's. Plug-ins are
+    imported only when a built-in does not serve the request."""
+    entries = BACKENDS.entries()
+    builtin = [BACKENDS.load(n) for n, e in entries.items() if e.builtin]
+    plugin_names = [n for n, e in entries.items() if not e.builtin]
+    builtin_engines = {c.engine for c in builtin} | {DEFAULT_ENGINE}
+    plugins: list[type[Backend]] | None = None
+
+    def plugin_classes() -> list[type[Backend]]:
+        nonlocal plugins
+        if plugins is None:
+            plugins = [BACKENDS.load(n) for n in plugin_names]
+        return plugins
+
+    if engine in builtin_engines:
+        found = _serving(builtin, fmt, engine) or _serving(builtin, fmt, DEFAULT_ENGINE)
+        found = found or _serving(plugin_classes(), fmt, engine) or _serving(plugin_classes(), fmt, DEFAULT_ENGINE)
+    else:
+        engines = builtin_engines | {c.engine for c in plugin_classes()}
+        if engine not in engines:
+            raise QuantpipeError(f"unknown eval engine '{engine}'; registered engines: {', '.join(sorted(engines))}")
+        found = _serving(plugin_classes(), fmt, engine) or _serving(builtin, fmt, DEFAULT_ENGINE)
+        found = found or _serving(plugin_classes(), fmt, DEFAULT_ENGINE)
+    if found is not None:
+        return found
+    known = ", ".join(sorted({f for c in [*builtin, *plugin_classes()] for f in c.formats})) or "none"
     raise QuantpipeError(
         f"no evaluation backend for artifact format '{fmt}' (registered formats: {known}); "
         f"a plug-in stage that writes it must also register a '{GROUP}' entry point"

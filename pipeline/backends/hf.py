@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuantpipeError
-from ..evaluation import SEEDS
+from ..benchmarks import SEEDS
 from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel

@@ -43,7 +43,7 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from ..evaluation import SEEDS
+from ..benchmarks import SEEDS
 from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel

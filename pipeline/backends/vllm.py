@@ -14,7 +14,7 @@ logprobs are capped at a top-20); vLLM rows are left out of it.
 from __future__ import annotations
 
 from ..errors import QuantpipeError
-from ..evaluation import SEEDS
+from ..benchmarks import SEEDS
 from ..types import Artifact
 from .base import Backend, LoadedModel
 
