@@ -36,8 +36,6 @@ from .table import Cell, Row, Table
 CheckKind = Literal["drop", "recovery", "kl", "average", "row", "build", "record"]
 
 
-
-
 class GateConfig(BaseModel):
     """The deploy gate's thresholds (a non-inferiority test per check, see docs/statistics.md): the
     recipe's `gate:` section, with the command line's flags over it (`resolve_config`)."""
@@ -217,7 +215,9 @@ def _family(name: str, base: Row, row: Row, cfg: GateConfig) -> tuple[dict[str, 
                 errors.append(_error(name, check, f"{col}: no paired items, or a non-finite score", kind, col))
                 continue
             if kind == "recovery" and not b.any():
-                errors.append(_error(name, check, f"{col}: recovery is undefined, the base scores 0 on the {len(b)} paired items", kind, col))
+                errors.append(
+                    _error(name, check, f"{col}: recovery is undefined, the base scores 0 on the {len(b)} paired items", kind, col)
+                )
                 continue
             column[check], scale[check] = col, 100
             if kind == "drop":

@@ -8,7 +8,6 @@ and writes its result through `store.cached`, so a step runs the same in any pro
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import math
 import os
@@ -18,8 +17,8 @@ from pathlib import Path
 
 from . import remote_code, store
 from .backends import LoadedModel, backend_for
-from .backends.base import BACKENDS
 from .backends import load as load_model
+from .backends.base import BACKENDS
 from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator

@@ -7,7 +7,6 @@ checks what depends on the model itself (e.g. that group_size divides every laye
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal

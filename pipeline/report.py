@@ -29,9 +29,7 @@ def _footer(t: Table) -> list[str]:
         "bootstrap interval over the same items; `*` marks a difference significant at p < 0.05 (exact McNemar "
         "test for 0/1 metrics, paired bootstrap otherwise). Avg drop: the mean over benchmarks of the relative "
         "drop (base − variant) / base, in %, both on the items the two rows share, over the benchmarks where the base "
-        "scores above 0 there. Items per benchmark: "
-        + ", ".join(f"{c} {k}" for c, k in n.items())
-        + ".",
+        "scores above 0 there. Items per benchmark: " + ", ".join(f"{c} {k}" for c, k in n.items()) + ".",
         "; ".join(f"{c.name}: {c.label}" + (f" ({c.n_shot}-shot)" if c.n_shot is not None else "") for c in t.columns)
         + ". Size: bytes on disk of the artifact's files. Weights in memory: the loaded model's weights as evaluated "
         "(dequantized on CPU; llama.cpp's model buffers for GGUF). Peak memory: the largest growth of the resident set "
@@ -224,7 +222,8 @@ def write_report(root: Path, gate_cfg=None) -> Path:
 
         verdict = evaluate_gate(t, gate_cfg)
         verdict_lines = summary(verdict).split("\n")
-    version = root / ".reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    # sortable by time; two reports of one process within a second stay apart
+    version = root / ".reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**9:09d}-{os.getpid()}"
     version.mkdir(parents=True)
     (version / "degradation.md").write_text(f"# {t.recipe}: quality degradation\n\n" + to_markdown(t, "methods", verdict_lines))
     (version / "degradation-section7.md").write_text(

@@ -63,9 +63,13 @@ def paired(base: dict[str, float], variant: dict[str, float], iters: int = 10_00
         c2w = int(((b == 1) & (v == 0)).sum())
         w2c = int(((b == 0) & (v == 1)).sum())
         p = 1.0 if c2w + w2c == 0 else binomtest(c2w, c2w + w2c, 0.5).pvalue
-        return Paired(len(d), float(d.mean()), float(lo), float(hi), float(p), "mcnemar-exact", c2w, w2c, float(b.mean()), float(v.mean()), unpaired)
+        return Paired(
+            len(d), float(d.mean()), float(lo), float(hi), float(p), "mcnemar-exact", c2w, w2c, float(b.mean()), float(v.mean()), unpaired
+        )
     if not d.any():
         p = 1.0
     else:
         p = min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean()))
-    return Paired(len(d), float(d.mean()), float(lo), float(hi), float(p), "paired-bootstrap", None, None, float(b.mean()), float(v.mean()), unpaired)
+    return Paired(
+        len(d), float(d.mean()), float(lo), float(hi), float(p), "paired-bootstrap", None, None, float(b.mean()), float(v.mean()), unpaired
+    )

@@ -108,7 +108,10 @@ class Table:
                     p = Paired(**{**p, **{k: nan(p[k]) for k in ("diff", "ci_low", "ci_high", "p_value")}}) if p else None
                     items = {k: nan(x) for k, x in v["items"].items()}
                     cells[c] = Cell(**{**v, "score": nan(v["score"]), "stderr": nan(v["stderr"]), "items": items, "paired": p})
-                div = {k: Divergence(**{f: nan(x) if f != "window_kl" else x for f, x in v.items()}) for k, v in (r.get("divergence") or {}).items()}
+                div = {
+                    k: Divergence(**{f: nan(x) if f != "window_kl" else x for f, x in v.items()})
+                    for k, v in (r.get("divergence") or {}).items()
+                }
                 rows.append(Row(**{**r, "cells": cells, "divergence": div}))
             return cls(d["recipe"], [ColumnInfo(**c) for c in d["columns"]], rows, d.get("n_params"), d.get("plan_keys") or {})
         except (KeyError, TypeError, ValueError) as e:

@@ -220,7 +220,7 @@ class CopyStage(Stage):
         return Artifact(out_dir, "hf", key="", bits="copy")
 '''
 
-BACKEND = '''
+BACKEND = """
 from pipeline.backends.base import Backend
 
 
@@ -228,7 +228,7 @@ class PlugBackend(Backend):
     name = "plug-hf"
     formats = ("hf",)
     engine = "ENGINE"
-'''
+"""
 
 
 def cli(*args, env=None):
@@ -236,7 +236,13 @@ def cli(*args, env=None):
 
 
 def test_a_plugin_may_not_reuse_a_builtin_stage_name(tmp_path):
-    env = install_plugin(tmp_path, "qp-evil", "qp_evil", COPY.replace("NAME", "fp8"), '[project.entry-points."quantpipe.stages"]\nfp8 = "qp_evil:CopyStage"\n')
+    env = install_plugin(
+        tmp_path,
+        "qp-evil",
+        "qp_evil",
+        COPY.replace("NAME", "fp8"),
+        '[project.entry-points."quantpipe.stages"]\nfp8 = "qp_evil:CopyStage"\n',
+    )
     r = cli("stages", env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "stage 'fp8' is registered twice" in r.stderr and "quantpipe" in r.stderr and "qp-evil" in r.stderr
@@ -246,7 +252,11 @@ def test_a_plugin_backend_for_a_builtin_format_is_used_only_for_its_own_engine(t
     pick = "from pipeline.backends import backend_for; import sys; print(backend_for('hf', sys.argv[1]).__name__)"
     for engine, expect in (("default", "TransformersBackend"), ("plug", "PlugBackend")):
         env = install_plugin(
-            tmp_path, f"qp-plug-{engine}", "qp_plug", BACKEND.replace("ENGINE", engine), '[project.entry-points."quantpipe.backends"]\nplug-hf = "qp_plug:PlugBackend"\n'
+            tmp_path,
+            f"qp-plug-{engine}",
+            "qp_plug",
+            BACKEND.replace("ENGINE", engine),
+            '[project.entry-points."quantpipe.backends"]\nplug-hf = "qp_plug:PlugBackend"\n',
         )
         r = subprocess.run([sys.executable, "-c", pick, engine], env=env, capture_output=True, text=True)
         assert r.stdout.strip() == expect, r.stderr
@@ -261,7 +271,8 @@ def test_broken_plugins_are_one_line_naming_their_distribution_and_unused_ones_a
         "qp-broken",
         "qp_broken",
         broken,
-        '[project.entry-points."quantpipe.backends"]\nbroken-be = "qp_broken:B"\n[project.entry-points."quantpipe.stages"]\nbroken-st = "qp_broken:S"\n',
+        '[project.entry-points."quantpipe.backends"]\nbroken-be = "qp_broken:B"\n'
+        '[project.entry-points."quantpipe.stages"]\nbroken-st = "qp_broken:S"\n',
     )
     r = cli("backends", env=env)
     assert r.returncode == 0 and "UNUSABLE" in r.stdout and "qp-broken" in r.stdout and "transformers" in r.stdout

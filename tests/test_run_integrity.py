@@ -35,7 +35,9 @@ def chunked_run(root: Path, rows: dict[str, list[float]], chunk: int = 20, task:
 
             def compute(tmp, a=a, values=values):
                 part = values[a : a + chunk]
-                samples = [{"task": task, "doc_hash": f"h{a + i}", "doc_id": a + i, "filter": flt, metric: float(v)} for i, v in enumerate(part)]
+                samples = [
+                    {"task": task, "doc_hash": f"h{a + i}", "doc_id": a + i, "filter": flt, metric: float(v)} for i, v in enumerate(part)
+                ]
                 (tmp / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
                 return {"evaluated_as": "fixture"}
 
@@ -55,7 +57,9 @@ def chunked_run(root: Path, rows: dict[str, list[float]], chunk: int = 20, task:
     for row, values in rows.items():
         for a in range(len(values), n, chunk):
             path = f"{row}/eval-random/seed-0/{task}/items-{a:06d}-{a + chunk:06d}"
-            steps.append({"id": f"eval {row} {task} {a}-{a + chunk}", "kind": "eval", "row": row, "task": task, "key": "never", "path": path})
+            steps.append(
+                {"id": f"eval {row} {task} {a}-{a + chunk}", "kind": "eval", "row": row, "task": task, "key": "never", "path": path}
+            )
     store.atomic_write_json(root / "plan.json", {"rows": list(rows), "steps": steps, "artifacts": {}, "base": {}})
     write_report(root)
     return root
@@ -144,7 +148,7 @@ def test_junit_is_well_formed_with_control_characters_and_empty_benchmarks_are_r
 
 def test_a_multi_line_error_is_one_line_in_the_markdown_and_whole_in_html(tmp_path):
     run = chunked_run(tmp_path / "r", {"base": BASE, "v": BASE})
-    trace = "RuntimeError: converter failed\nTraceback (most recent call last):\n  File \"convert.py\", line 1\n| not a cell |"
+    trace = 'RuntimeError: converter failed\nTraceback (most recent call last):\n  File "convert.py", line 1\n| not a cell |'
     store.atomic_write_json(run / "v" / "error.json", {"error": trace, "traceback": ""})
     report = write_report(run)
     md = (report / "degradation.md").read_text()
@@ -158,7 +162,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(tmp_path):
     run = chunked_run(tmp_path / "r", {"base": BASE, "v": BASE})
     store.atomic_write_json(run / "v" / "error.json", {"error": '=HYPERLINK("http://x","y")', "traceback": ""})
     rows = list(csv.DictReader(io.StringIO((write_report(run) / "degradation.csv").read_text())))
-    assert rows[1]["error"] == "'=HYPERLINK(\"http://x\",\"y\")"
+    assert rows[1]["error"] == '\'=HYPERLINK("http://x","y")'
     assert float(rows[1]["GSM8K_diff"]) == 0  # numbers stay numbers
 
 

@@ -152,7 +152,9 @@ def test_the_gate_refuses_a_stale_report_and_a_run_in_progress(run, tmp_path):
 
     r, _, _, root = run
     assert quantpipe("gate", root, "--max-drop", "default=50", "--point-estimate", check=False).returncode in (0, 1)
-    assert quantpipe("gate", r, "--artifacts", tmp_path / "art", "--max-drop", "default=50", "--point-estimate", check=False).returncode in (0, 1)
+    assert quantpipe(
+        "gate", r, "--artifacts", tmp_path / "art", "--max-drop", "default=50", "--point-estimate", check=False
+    ).returncode in (0, 1)
     # the recipe redefines its variant and a run of it is killed after writing its plan
     spec = yaml.safe_load(r.read_text())
     spec["variants"]["tq"][0]["preset"] = "turboquant_4bit_nc"

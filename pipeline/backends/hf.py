@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import QuantpipeError
 from ..benchmarks import SEEDS
+from ..errors import QuantpipeError
 from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel

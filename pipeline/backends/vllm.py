@@ -13,8 +13,8 @@ logprobs are capped at a top-20); vLLM rows are left out of it.
 
 from __future__ import annotations
 
-from ..errors import QuantpipeError
 from ..benchmarks import SEEDS
+from ..errors import QuantpipeError
 from ..types import Artifact
 from .base import Backend, LoadedModel
 
