@@ -69,7 +69,13 @@ LLAMA_31_8B = {
     "num_key_value_heads": 8,
     "pretraining_tp": 1,
     "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_scaling": {
+        "factor": 8.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
     "rope_theta": 500000.0,
     "tie_word_embeddings": False,
     "torch_dtype": "bfloat16",
@@ -263,7 +269,13 @@ def agreement(mine: dict, stock: dict) -> dict:
                 greedy_differ += bool(a[1]) != bool(b[1])
             else:
                 gen_differ += a != b
-    return {"requests": n, "max_abs_loglik_diff": worst, "greedy_differ": greedy_differ, "generations_differ": gen_differ, "unmatched": missing}
+    return {
+        "requests": n,
+        "max_abs_loglik_diff": worst,
+        "greedy_differ": greedy_differ,
+        "generations_differ": gen_differ,
+        "unmatched": missing,
+    }
 
 
 def tokens(samples: dict, tokenizer) -> int:

@@ -54,7 +54,8 @@ def main() -> None:
         t = time.perf_counter()
         rec, _ = cached(Path(tmp) / "rec", "key", compute, "benchmark")
         commit = time.perf_counter() - t
-        print(f"commit (write + one hash of {size / 1e9:.1f} GB, waiting out {filehash.RACY_NS / 1e9:.0f} s of timestamp margin): {commit:.2f} s")
+        margin = filehash.RACY_NS / 1e9
+        print(f"commit (write + one hash of {size / 1e9:.1f} GB, waiting out {margin:.0f} s of timestamp margin): {commit:.2f} s")
         times = []
         for _ in range(a.repeat):
             t = time.perf_counter()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from . import remote_code, store
 from .backends import LoadedModel, backend_for
-from .backends.base import accepts_target
 from .backends import load as load_model
+from .backends.base import accepts_target
 from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator

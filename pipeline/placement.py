@@ -130,7 +130,12 @@ class Target:
 
     def placement(self, fmt: str, recipe_dtype: str, ckpt_dtype: str | None) -> Placement:
         return resolve_placement(
-            self.device, self.device == "cuda", fmt=fmt, recipe_dtype=recipe_dtype, ckpt_dtype=ckpt_dtype, max_memory_gib=self.max_memory_gib
+            self.device,
+            self.device == "cuda",
+            fmt=fmt,
+            recipe_dtype=recipe_dtype,
+            ckpt_dtype=ckpt_dtype,
+            max_memory_gib=self.max_memory_gib,
         )
 
     def key(self, fmt: str, recipe_dtype: str, ckpt_dtype: str | None) -> dict:

@@ -179,4 +179,3 @@ def test_setup_switch_refuses_other_values_and_keeps_cmake_args(tmp_path):
     r = cmake_args(tmp_path, (), {"QUANTPIPE_LLAMA_CUDA": "yes"})
     assert r.returncode == 2 and "QUANTPIPE_LLAMA_CUDA must be 0 (CPU build) or 1 (CUDA build), not 'yes'" in r.stderr
     assert cmake_args(tmp_path, ("nvcc", "nvidia-smi"), {"CMAKE_ARGS": "-DFOO=1"}).stdout.strip() == "-DFOO=1"
-
