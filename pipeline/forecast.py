@@ -40,7 +40,11 @@ class RowForecast:
     def line(self) -> str:
         where = "CPU" if self.device == "cpu" else f"CUDA x{self.gpus}"
         t = "" if self.seconds is None else f", ~{_duration(self.seconds)} to evaluate"
-        return f"row {self.row}: {where}, {self.engine} ({self.dtype}), weights ~{self.weights_bytes / 2**30:.1f} GiB{t}"
+        return f"row {self.row}: {where}, {self.engine} ({self.dtype}), weights ~{_size(self.weights_bytes)}{t}"
+
+
+def _size(b: int) -> str:
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
 def _duration(s: float) -> str:

@@ -179,3 +179,23 @@ def test_setup_switch_refuses_other_values_and_keeps_cmake_args(tmp_path):
     r = cmake_args(tmp_path, (), {"QUANTPIPE_LLAMA_CUDA": "yes"})
     assert r.returncode == 2 and "QUANTPIPE_LLAMA_CUDA must be 0 (CPU build) or 1 (CUDA build), not 'yes'" in r.stderr
     assert cmake_args(tmp_path, ("nvcc", "nvidia-smi"), {"CMAKE_ARGS": "-DFOO=1"}).stdout.strip() == "-DFOO=1"
+
+
+def test_doctor_says_per_row_where_it_runs_and_what_it_needs(tiny_model):
+    from pipeline.doctor import placement_findings
+    from pipeline.forecast import forecast
+
+    variants = {
+        "fp8": [{"stage": "fp8"}],
+        "g4": [{"stage": "gptq", "bits": 4, "group_size": 64, "backend": "gptqmodel"}],
+        "q4": [{"stage": "gguf", "type": "Q4_K_M"}],
+    }
+    recipe = parse_recipe({"name": "r", "model": {"id": str(tiny_model)}, "eval": {"suite": "smoke"}, "variants": variants})
+    # an 8B model on two GPUs: the base in its bfloat16, FP8 held as float32 codes, 4-bit rows packed
+    rows = {r.row: r for r in forecast(recipe, "bfloat16", 8_030_261_248, Target("cuda"), 2, measure=False)}
+    assert rows["base"].line() == "row base: CUDA x2, transformers (bfloat16), weights ~15.0 GiB"
+    assert rows["fp8"].line() == "row fp8: CUDA x2, transformers (bfloat16), weights ~29.9 GiB"
+    assert (rows["g4"].engine, rows["q4"].engine) == ("gptqmodel", "llamacpp") and rows["g4"].weights_bytes < 5 * GiB
+    # on this machine, the tiny model: CPU rows in float32, with a measured time estimate
+    lines = [f.what for f in placement_findings(recipe, tiny_model)]
+    assert any(line.startswith("row base: CPU, transformers (float32), weights ~") and "to evaluate" in line for line in lines), lines
