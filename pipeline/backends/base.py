@@ -19,6 +19,7 @@ from ..registry import Registry
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..placement import Target
     from ..types import Artifact
 
 GROUP = "quantpipe.backends"
@@ -111,7 +112,24 @@ def backend_for(fmt: str, engine: str = DEFAULT_ENGINE) -> type[Backend]:
 
 
 def load(
-    art: Artifact, dtype: str, batch_size: int | str, engine: str = DEFAULT_ENGINE, max_length: int = 4096, memory_budget: int | None = None
+    art: Artifact,
+    dtype: str,
+    batch_size: int | str,
+    engine: str = DEFAULT_ENGINE,
+    max_length: int = 4096,
+    memory_budget: int | None = None,
+    target: Target | None = None,
 ) -> LoadedModel:
+    """`target`: the run's device (placement.Target), for backends whose `load` takes one."""
+    cls = backend_for(art.format, engine)
     extra = {"memory_budget": memory_budget} if memory_budget is not None else {}  # plug-ins without it keep working
-    return backend_for(art.format, engine)().load(art, dtype, batch_size, max_length, **extra)
+    if target is not None and accepts_target(cls):
+        extra["target"] = target
+    return cls().load(art, dtype, batch_size, max_length, **extra)
+
+
+def accepts_target(cls: type[Backend]) -> bool:
+    """Whether a backend places its rows by the run's device (a `target` keyword of its `load`)."""
+    import inspect
+
+    return "target" in inspect.signature(cls.load).parameters

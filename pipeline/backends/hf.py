@@ -15,6 +15,7 @@ import numpy as np
 
 from ..benchmarks import SEEDS
 from ..errors import QuantpipeError
+from ..placement import Placement, Target, checkpoint_dtype
 from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel
@@ -47,11 +48,11 @@ def _check_load_report(info: dict, path: Path) -> None:
         raise QuantpipeError(f"checkpoint {path} did not load cleanly ({detail}); refusing to evaluate random weights")
 
 
-def _load_transformers(art: Artifact, dtype: str):
+def _load_transformers(art: Artifact, placement: Placement):
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": dtype if art.format == "hf" else "auto", "output_loading_info": True}
+    kwargs = {**placement.load_kwargs(), "output_loading_info": True}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(art.path, **kwargs, **trust())
     except Exception as e:  # noqa: BLE001 - loaders raise many types; the message names the problem
@@ -59,23 +60,39 @@ def _load_transformers(art: Artifact, dtype: str):
     _check_load_report(info, art.path)
     model.eval()
     torch.set_grad_enabled(False)
+    where = _where(model, placement)
     if art.format == "hf":
-        how = f"transformers {str(model.dtype).replace('torch.', '')} on CPU"
+        how = f"transformers {str(model.dtype).replace('torch.', '')} on {where}"
     else:
-        how = f"{_quant_summary(art.path)}, dequantized on CPU by transformers"
+        how = f"{_quant_summary(art.path)}, dequantized on {where} by transformers"
     return model, how
 
 
-def _load_gptqmodel(art: Artifact):
+def _where(model, placement: Placement) -> str:
+    """The device the table names: CPU, or the GPUs the model was spread over."""
+    if placement.device == "cpu":
+        return "CPU"
+    gpus = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()} or {str(model.device)})
+    return f"CUDA ({', '.join(gpus)})"
+
+
+def _load_gptqmodel(art: Artifact, placement: Placement):
     from gptqmodel import GPTQModel
 
+    device = "cuda:0" if placement.device == "cuda" else "cpu"  # its GPU kernels (Marlin, ExLlama, Triton) on CUDA
     try:
-        wrapped = GPTQModel.load(str(art.path), device="cpu")
+        wrapped = GPTQModel.load(str(art.path), device=device)
     except Exception as e:  # noqa: BLE001 - loaders raise many types; the message names the problem
         raise QuantpipeError(f"cannot load {art.format} checkpoint {art.path}: {type(e).__name__}: {e}") from e
     model = wrapped.model
     kernel = type(model.get_submodule(next(n for n, m in model.named_modules() if hasattr(m, "qweight")))).__name__
-    return model, f"{art.format.upper()} checkpoint, GPTQModel {kernel} kernel on CPU"
+    return model, f"{art.format.upper()} checkpoint, GPTQModel {kernel} kernel on {'CUDA' if placement.device == 'cuda' else 'CPU'}"
+
+
+def placement_for(art: Artifact, dtype: str, target: Target | None) -> Placement:
+    """The row's placement: `target` is the run's device (resolved once per run); None is CPU."""
+    target = target or Target()
+    return target.placement(art.format, dtype, checkpoint_dtype(art.path))
 
 
 def apply_runtime_patches(model, meta: dict) -> list[str]:
@@ -94,7 +111,15 @@ def apply_runtime_patches(model, meta: dict) -> list[str]:
     return notes
 
 
-def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_budget: int | None = None, share: bool = True):
+def _lm(
+    model,
+    art: Artifact,
+    batch_size: int | str,
+    max_length: int,
+    memory_budget: int | None = None,
+    share: bool = True,
+    device: str = "cpu",
+):
     """lm-eval's HF model around a loaded torch model: stock batches for rows whose KV cache a
     runtime patch owns (TurboQuant), whose activation quantization is batch-dependent
     (share=False) or that run below float32, prefix-sharing otherwise."""
@@ -114,7 +139,7 @@ def _lm(model, art: Artifact, batch_size: int | str, max_length: int, memory_bud
         pretrained=model,
         tokenizer=tokenizer,
         batch_size=batch_size,
-        device="cpu",
+        device=device,  # HFLM takes a loaded model's own device (model.device: the first GPU of a device_map)
         max_length=min(limit, max_length),
         share_prefixes=share,
         memory_budget=memory_budget,  # batch_size auto: measured against it (PrefixCachingHFLM)
@@ -150,17 +175,28 @@ class TransformersBackend(_TorchBackend):
     libraries = ("torch", "transformers", "compressed-tensors")
     activation_kernel = "batch-invariant-fp8-4"  # batch_invariant.install; bump when what it computes changes
 
-    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
+    def load(
+        self,
+        art: Artifact,
+        dtype: str,
+        batch_size: int | str,
+        max_length: int,
+        memory_budget: int | None = None,
+        target: Target | None = None,
+    ) -> LoadedModel:
         from . import batch_invariant
 
-        model, how = _load_transformers(art, dtype)
+        placement = placement_for(art, dtype, target)
+        model, how = _load_transformers(art, placement)
         share, notes = True, []
         if art.format == "compressed-tensors" and _dynamic_activations(art.path):
+            if placement.device == "cuda":  # transformers has no FP8 GEMM: activations are quantized in torch
+                notes.append("FP8 activations emulated in torch on the GPU (no FP8 matmuls; engine vllm runs them)")
             # exact batch invariance makes prefix sharing exact; otherwise stock batches
             share = (why := batch_invariant.unsupported(model)) is None
             notes.append(batch_invariant.install(model) if share else f"stock batches ({why})")
         how = "; ".join([how, *notes, *apply_runtime_patches(model, art.meta)])
-        lm = _lm(model, art, batch_size, max_length, memory_budget, share)
+        lm = _lm(model, art, batch_size, max_length, memory_budget, share, placement.device)
         return _loaded(lm, how, self, model, batch_size, memory_budget)
 
 
@@ -170,7 +206,17 @@ class GPTQModelBackend(_TorchBackend):
     libraries = ("torch", "transformers", "gptqmodel")
     revision = "bf16-stock-batches"  # its bfloat16 kernels no longer share prefixes (scores were 1/8 nat off stock)
 
-    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
-        model, how = _load_gptqmodel(art)
+    def load(
+        self,
+        art: Artifact,
+        dtype: str,
+        batch_size: int | str,
+        max_length: int,
+        memory_budget: int | None = None,
+        target: Target | None = None,
+    ) -> LoadedModel:
+        placement = placement_for(art, dtype, target)
+        model, how = _load_gptqmodel(art, placement)
         how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        return _loaded(_lm(model, art, batch_size, max_length, memory_budget), how, self, model, batch_size, memory_budget)
+        lm = _lm(model, art, batch_size, max_length, memory_budget, device=placement.device)
+        return _loaded(lm, how, self, model, batch_size, memory_budget)

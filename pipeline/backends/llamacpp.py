@@ -44,6 +44,7 @@ from lm_eval.models.utils import (
 from tqdm import tqdm
 
 from ..benchmarks import SEEDS
+from ..placement import Target
 from ..remote_code import trust
 from ..types import Artifact
 from .base import Backend, LoadedModel
@@ -69,12 +70,13 @@ def _log_softmax_(rows: np.ndarray) -> np.ndarray:
 
 
 class LlamaCppLM(TemplateLM):
-    def __init__(self, gguf_path: str | Path, tokenizer, n_ctx: int = 4096, max_gen_toks: int = 256):
+    def __init__(self, gguf_path: str | Path, tokenizer, n_ctx: int = 4096, max_gen_toks: int = 256, n_gpu_layers: int = 0):
         super().__init__()
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
             model_path=str(gguf_path),
+            n_gpu_layers=n_gpu_layers,  # -1: every layer on the GPU (offload), 0: CPU kernels
             n_ctx=n_ctx,
             n_batch=N_BATCH,
             n_ubatch=N_BATCH,
@@ -239,14 +241,33 @@ class LlamaCppLM(TemplateLM):
         return int(x[-1].argmax())
 
 
+def offload(device: str, supports_gpu_offload: bool) -> tuple[int, str]:
+    """(n_gpu_layers, where): every layer on the GPU when the run is on CUDA and this llama-cpp-python
+    was built with GPU offload (scripts/setup.sh builds it with CUDA where nvcc is found), else CPU."""
+    if device != "cuda":
+        return 0, "on CPU"
+    if supports_gpu_offload:
+        return -1, "on CUDA (every layer offloaded)"
+    return 0, "on CPU (this llama-cpp-python was built without GPU offload: rerun scripts/setup.sh where nvcc is found)"
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
     formats = ("gguf",)
     libraries = ("llama-cpp-python", "transformers")
 
-    def load(self, art: Artifact, dtype: str, batch_size: int | str, max_length: int, memory_budget: int | None = None) -> LoadedModel:
+    def load(
+        self,
+        art: Artifact,
+        dtype: str,
+        batch_size: int | str,
+        max_length: int,
+        memory_budget: int | None = None,
+        target: Target | None = None,
+    ) -> LoadedModel:
         # batch_size (a number or auto) does not apply: requests run one at a time, sharing the KV
         # cache of their common prefix, so the record states 1. The memory budget is not enforced.
+        import llama_cpp
         from transformers import AutoTokenizer
 
         from ..tokenizer_check import check_gguf_tokenizer
@@ -254,9 +275,9 @@ class LlamaCppBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(art.path, **trust())
         # the HF tokenizer's ids go straight into llama.cpp: they must be the ids llama.cpp would produce
         check_gguf_tokenizer(art.path / "model.gguf", tokenizer, f"the HF tokenizer in {art.path}", file_key=art.key or None)
-        lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length)
-        how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels on CPU (llama-cpp-python, in process)"
-        import llama_cpp
+        layers, where = offload((target or Target()).device, bool(llama_cpp.llama_supports_gpu_offload()))
+        lm = LlamaCppLM(art.path / "model.gguf", tokenizer, n_ctx=max_length, n_gpu_layers=layers)
+        how = f"GGUF ({art.meta.get('bits_per_weight')} bpw), llama.cpp kernels {where} (llama-cpp-python, in process)"
 
         return LoadedModel(lm, how, "llama.cpp", self, int(llama_cpp.llama_model_size(lm.llm.model)), batch_size=1)
 
