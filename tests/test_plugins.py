@@ -264,7 +264,7 @@ def test_a_plugin_backend_for_a_builtin_format_is_used_only_for_its_own_engine(t
     assert "unknown eval engine 'nope'" in r.stderr
 
 
-def test_broken_plugins_are_one_line_naming_their_distribution_and_unused_ones_are_not_imported(tiny_model, tmp_path):
+def test_broken_plugins_are_one_line_naming_their_distribution_and_unused_ones_are_not_imported(tiny_model, data_dir, tmp_path):
     broken = "raise RuntimeError('plug-in bug')\n"
     env = install_plugin(
         tmp_path,
@@ -276,11 +276,17 @@ def test_broken_plugins_are_one_line_naming_their_distribution_and_unused_ones_a
     )
     r = cli("backends", env=env)
     assert r.returncode == 0 and "UNUSABLE" in r.stdout and "qp-broken" in r.stdout and "transformers" in r.stdout
-    spec = {"name": "b", "model": {"id": str(tiny_model), "dtype": "float32"}, "offline": True, "eval": {"suite": "smoke"}}
+    spec = {
+        "name": "b",
+        "model": {"id": str(tiny_model), "dtype": "float32"},
+        "offline": True,
+        "eval": {"suite": "smoke", "data_dir": str(data_dir)},
+    }
     fine, bad = tmp_path / "fine.yaml", tmp_path / "bad.yaml"
     fine.write_text(yaml.safe_dump({**spec, "variants": {"f": [{"stage": "fp8"}]}}))
     bad.write_text(yaml.safe_dump({**spec, "variants": {"x": [{"stage": "broken-st"}]}}))
-    r = cli("build", fine, "--artifacts", tmp_path / "art", env=env)  # the broken backend is never imported
+    # everything `run` checks before any work, backends included: the broken backend is never imported
+    r = cli("validate", fine, "--artifacts", tmp_path / "art", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     r = cli("validate", bad, env=env)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
