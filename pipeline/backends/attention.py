@@ -47,7 +47,6 @@ def sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float =
     return out.transpose(1, 2).contiguous(), None
 
 
-
 def use_sdpa_gqa(model) -> None:
     """Switch a model on transformers' sdpa attention to `sdpa_gqa` (the same outputs, bit for bit)."""
     if getattr(model.config, "_attn_implementation", None) == "sdpa":

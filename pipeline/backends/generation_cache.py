@@ -86,4 +86,3 @@ class RowsSettled(StoppingCriteria):
             if row not in self.settled and self._row_settled(tokens):
                 self.settled.add(row)
         return len(self.settled) == len(generated)
-

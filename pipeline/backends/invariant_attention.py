@@ -14,7 +14,6 @@ from ..errors import QuantpipeError
 from .invariant_linear import tile_spans
 from .prefix_groups import PACKED_SUFFIXES, SuffixTrie
 
-
 # Query rows per float64 attention call: bounds the [batch, heads, rows, keys] score matrix.
 ATTENTION_ROWS = 256
 # Keys per block of the float32 attention, and the zero columns that pad its value product
@@ -176,7 +175,6 @@ def _unpacked_attention(module, query, key, value, trie: SuffixTrie, scaling):
         out.append(f32_attention(module, q, k, v, allowed[a : a + UNPACKED_ROWS, None], scaling=scaling)[0])  # as unpacked rows
     real = (torch.arange(most) < fresh[:, None]).to(dev)
     return torch.cat(out)[real][None], None  # suffix by suffix, its fresh nodes: the node order
-
 
 
 class Generating:

@@ -116,8 +116,6 @@ def tiles_are_invariant(wt: torch.Tensor, mm=mm_tiles) -> bool:
     return all(torch.equal(mm(x[rows], wt), alone[rows]) for rows in arrangements)
 
 
-
-
 class SharedInput:
     """The last input quantized with a dynamic scale, and what was made of it: q/k/v projections (and
     gate/up) read the same tensor, which is then quantized once. One per model (`install`), shared
@@ -175,7 +173,6 @@ class FP8Forward:
         return y if m.bias is None else y + m.bias
 
 
-
 def fp64_head(head: torch.nn.Linear):
     """The LM head in float64, rounded once; the weight is converted HEAD_BLOCK vocabulary rows at a
     time, so memory holds a block's float64 copy, not the whole head's (0.5 GiB at 262k x 576)."""
@@ -210,4 +207,3 @@ def call_shapes(weights: list[torch.Tensor]) -> list[torch.Tensor]:
             block = wt[:, c : c + COL_BLOCK]
             seen.setdefault((block.shape, block.dtype, block.device), block)
     return list(seen.values())
-

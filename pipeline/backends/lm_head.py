@@ -35,7 +35,6 @@ def head_rows(vocab: int) -> int:
     return max(MIN_HEAD_ROWS, LOGITS_CHUNK_BYTES // (4 * vocab))
 
 
-
 @contextmanager
 def head_inputs(model) -> Iterator[list[torch.Tensor]]:
     """Within the block the model's LM head records its input and returns zero-width logits, so a
@@ -125,5 +124,3 @@ def hf_next_token_logprobs(model, ids: list[int], chunk: int | None = None, dtyp
             model(torch.tensor([ids], device=model.device), use_cache=False)
         for _, logp in head_logprobs(model, seen[0][0, :-1], dtype=dtype, rows=chunk):
             yield logp
-
-

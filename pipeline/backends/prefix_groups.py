@@ -74,7 +74,6 @@ class SuffixTrie:
             out[path[:, None], path[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
         return out
 
-
     @property
     def suffix_tokens(self) -> int:
         """The tokens of the suffixes it stands for."""
@@ -132,7 +131,6 @@ def plan_groups(seqs: list[tuple], starts: list[int], min_shared: int = MIN_SHAR
         groups.append((starts[i], [i]))
     # a group of one shares nothing: its "prefix" is just a split of its own sequence
     return [(p if len(m) > 1 else 0, m) for p, m in groups]
-
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,7 @@ def ro_bind(src, dst):
     # Read-only, with its submounts. Keep the flags a user namespace locks (noexec, atime), or the remount is refused.
     mount(src, dst, flags=MS_BIND | MS_REC)
     with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-                  for line in f]
+        points = [line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\") for line in f]
     for m in sorted({p for p in points if p == dst or p.startswith(dst + "/")}):
         st = os.statvfs(m).f_flag
         keep = (MS_NOEXEC if st & os.ST_NOEXEC else 0) | (MS_NODIRATIME if st & os.ST_NODIRATIME else 0)
@@ -73,13 +72,17 @@ def build_root():
     for dev in ("null", "zero", "full", "random", "urandom"):
         open(f"{root}/dev/{dev}", "w").close()
         mount(f"/dev/{dev}", f"{root}/dev/{dev}", flags=MS_BIND)
-    for link, target in (("shm", "/tmp"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for link, target in (
+        ("shm", "/tmp"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{root}/dev/{link}")
     # a /proc of this PID namespace only (mounted while the host's is still visible, as user namespaces require)
     mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-          f"size={scratch},nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
+    mount("tmpfs", f"{root}/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={scratch},nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
     check(libc.syscall(SYSCALLS[os.uname().machine][0], root.encode(), f"{root}/.old".encode()), "pivot_root")
     os.chdir("/")
     check(libc.umount2(b"/.old", 2), "detach the host's root")  # MNT_DETACH: the host tree is gone from here on
@@ -89,8 +92,14 @@ def build_root():
 
 def start_program():
     try:
-        for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, 1 << 20),
-                             (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 64)):
+        for limit, value in (
+            (resource.RLIMIT_CPU, cpu),
+            (resource.RLIMIT_AS, mem),
+            (resource.RLIMIT_FSIZE, 1 << 20),
+            (resource.RLIMIT_NOFILE, 64),
+            (resource.RLIMIT_CORE, 0),
+            (resource.RLIMIT_NPROC, 64),
+        ):
             resource.setrlimit(limit, (value, value))
         with open("/proc/sys/kernel/cap_last_cap") as f:
             for cap in range(int(f.read()) + 1):  # empty bounding set: no exec can regain a capability
@@ -107,7 +116,7 @@ def start_program():
         check(libc.prctl(38, 1, 0, 0, 0), "set no_new_privs")  # PR_SET_NO_NEW_PRIVS
         os.chdir("/tmp")
         os.execve(python, [python, "-I", "-B", "-c", wrapper], {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp"})
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - any failure to start is reported as a set-up failure
         fail(f"starting the program: {e!r}")
 
 

@@ -31,10 +31,10 @@ def run():
     except MemoryError:
         main.__dict__.clear()
         reason = "killed: memory"
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - whatever the program raised is its result
         try:
             detail = " ".join(str(e).split())[:200]
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - an exception whose str() raises: no detail
             detail = ""
         kind = "assertion failed" if isinstance(e, AssertionError) else f"exception: {type(e).__name__}"
         reason = f"{kind}: {detail}" if detail else kind
