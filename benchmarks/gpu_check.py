@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -121,25 +122,15 @@ def compare(got, want) -> dict:
 
 
 @contextlib.contextmanager
-def packed_rows():
-    """The packed suffix rows quantpipe's scorer runs (PrefixCachingHFLM._packed_hidden) inside the
-    block, counted into the dict it yields: rows, suffixes, trie nodes run and the suffix tokens
-    they stand for."""
-    from pipeline.backends.prefix_cache import PrefixCachingHFLM, SuffixTrie
-
-    original = PrefixCachingHFLM._packed_hidden
-    counts = dict.fromkeys(("packed_rows", "packed_suffixes", "packed_nodes", "packed_suffix_tokens"), 0)
-
-    def counted(lm, suffixes, *args):
-        for key, n in zip(counts, (1, len(suffixes), SuffixTrie.of(suffixes).nodes, sum(map(len, suffixes)))):
-            counts[key] += n
-        return original(lm, suffixes, *args)
-
-    PrefixCachingHFLM._packed_hidden = counted
+def packed_rows(lm):
+    """The packed suffix rows quantpipe's scorer `lm` runs inside the block (its PackedCounts), into
+    the dict it yields on exit: rows, suffixes, trie nodes run and the suffix tokens they stand for."""
+    before = dataclasses.replace(lm.packed)
+    counts: dict = {}
     try:
         yield counts
     finally:
-        PrefixCachingHFLM._packed_hidden = original
+        counts.update({f"packed_{k}": n for k, n in dataclasses.asdict(lm.packed.since(before)).items()})
 
 
 # -- a. bounded memory with a 262k vocabulary ------------------------------------------------------
@@ -186,7 +177,7 @@ def check_bounded_memory(device: str, tmp: Path, args) -> dict:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         t = time.time()
-        with peak_memory_bytes(device) as m, packed_rows() as packed:
+        with peak_memory_bytes(device) as m, packed_rows(lm) as packed:
             scores[name] = which.loglikelihood(reqs, disable_tqdm=True)
         if which is lm:
             result |= packed
@@ -262,7 +253,7 @@ def check_fp8(device: str, asset: Path, args) -> dict:
     t0 = time.time()
     kw = dict(pretrained=model, tokenizer=tok, max_length=max_length)
     alone = HFLM(batch_size=1, **kw).loglikelihood(reqs, disable_tqdm=True)
-    with packed_rows() as packed:
+    with packed_rows(lm) as packed:
         runs = {f"quantpipe_batch{b}": lm.loglikelihood(reqs, disable_tqdm=True)}
         lm.batch_size_per_gpu = len(reqs)
         runs[f"quantpipe_batch{len(reqs)}"] = lm.loglikelihood(reqs, disable_tqdm=True)

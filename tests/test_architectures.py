@@ -312,7 +312,7 @@ def test_logit_scaling_architectures_pass_the_head_check(name):
     bounded head reproduces both exactly."""
     import transformers
 
-    from pipeline.backends.prefix_cache import check_head, hf_next_token_logprobs
+    from pipeline.backends.lm_head import check_head, hf_next_token_logprobs
 
     extra = {"logit_scale": 0.3} if name == "CohereConfig" else {"logits_scaling": 7.0}
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ as stock lm-eval at batch size 1 on the same patched model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import FIXED_TEXT
@@ -13,11 +15,13 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.backends import batch_invariant as bi
-from pipeline.backends.prefix_cache import SuffixTrie
+from pipeline.backends import invariant_attention as ia
+from pipeline.backends import invariant_linear as il
 
 
 @pytest.fixture(scope="module")
 def fp8_artifact(tiny_model, tmp_path_factory):
+    """The FP8-dynamic row of the tiny model, quantized by the real stage: every test using it is slow."""
     from pipeline.stages.base import Artifact, StageContext
     from pipeline.stages.registry import get_stage
 
@@ -40,14 +44,16 @@ def test_fp8_linear_is_exact_and_each_row_is_independent_of_the_batch(fp8_artifa
     stock(torch.zeros((1, 1), dtype=torch.long))  # transformers decompresses on the first forward
     model = _load(fp8_artifact)
     assert "exact in float64" in bi.install(model, tiles=False)
-    name, lin = bi.quantized_linears(model)[3]
+    linears = bi.quantized_linears(model)
+    assert len({id(m.forward.inputs) for _, m in linears}) == 1  # one quantized-input memo for the model's layers
+    name, lin = linears[3]
     ref = stock.get_submodule(name)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 9, lin.in_features, generator=gen) * torch.logspace(-3, 2, 9)[None, :, None]
     x[1, 2] = 0  # an all-zero token: its scale is float32's eps, as compressed-tensors sets it
 
     # the input codes and scales are compressed-tensors' own: codes x scale is its fake-quantized input
-    codes, scale = bi._quantize_input(x, lin.quantization_scheme.input_activations, None)
+    codes, scale = il.quantize_input(x, lin.quantization_scheme.input_activations, None)
     assert torch.equal(codes * scale, forward_quantize(ref, x, "input", ref.quantization_scheme.input_activations))
     # the weight codes x scales are the decompressed weight stock multiplies with
     assert torch.equal(lin.weight * lin.weight_scale, ref.weight)
@@ -86,9 +92,9 @@ def test_fp8_linear_in_float32_tiles_is_independent_of_the_batch(fp8_artifact):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 9, lin.in_features, generator=gen) * torch.logspace(-3, 2, 9)[None, :, None]
     y = _rows_alone_beside_others_and_padded(lin, x, gen)
-    codes, scale = bi._quantize_input(x, lin.quantization_scheme.input_activations, None)
+    codes, scale = il.quantize_input(x, lin.quantization_scheme.input_activations, None)
     # the tiles multiply stock's operands: the fake-quantized input by the decompressed weight (codes x scales)
-    assert torch.equal(bi._fp8_codes(lin.weight / lin.weight_scale) * lin.weight_scale, lin.weight)
+    assert torch.equal(il.fp8_codes(lin.weight / lin.weight_scale) * lin.weight_scale, lin.weight)
     exact = ((codes * scale).double() @ lin.weight.double().T).float()
     assert ((y - exact).abs().amax(-1) <= 1e-5 * exact.abs().amax(-1)).all() and not torch.equal(y, exact)
 
@@ -99,18 +105,18 @@ def test_the_load_time_check_refuses_arithmetic_that_depends_on_the_other_rows()
     summation order depends on the row count (float32 summed in as many K splits as rows), and
     passes one whose sums are exact (invariant on any machine)."""
     torch.manual_seed(0)
-    wt = bi._fp8_codes(torch.randn(96, 200) * 8).T
+    wt = il.fp8_codes(torch.randn(96, 200) * 8).T
 
     def per_tensor_scale(x, w):
         s = x.abs().amax() / 448
-        return bi._fp8_codes(x / s) @ w * s
+        return il.fp8_codes(x / s) @ w * s
 
     def splits_by_row_count(x, w):  # K summed in as many chunks as there are rows
         return sum(c @ wc for c, wc in zip(x.chunk(x.shape[0], 1), w.chunk(x.shape[0], 0)))
 
-    assert not bi.tiles_are_invariant(wt, per_tensor_scale)
-    assert not bi.tiles_are_invariant(wt, splits_by_row_count)
-    assert bi.tiles_are_invariant(wt, lambda x, w: (x.double() @ w.double()).float())
+    assert not il.tiles_are_invariant(wt, per_tensor_scale)
+    assert not il.tiles_are_invariant(wt, splits_by_row_count)
+    assert il.tiles_are_invariant(wt, lambda x, w: (x.double() @ w.double()).float())
 
 
 def test_the_attention_load_check_passes_fp32_blocks_and_float64_and_refuses_sdpa():
@@ -121,49 +127,52 @@ def test_the_attention_load_check_passes_fp32_blocks_and_float64_and_refuses_sdp
     a fully masked (padding) query, which gets zeros, not NaN."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    assert not bi.attention_is_invariant(9, 3, 64, attention=sdpa_attention_forward)
-    assert bi.attention_is_invariant(9, 3, 64, attention=bi.fp64_attention)
-    if not bi.attention_is_invariant(9, 3, 64):
+    assert not ia.attention_is_invariant(9, 3, 64, attention=sdpa_attention_forward)
+    assert ia.attention_is_invariant(9, 3, 64, attention=ia.fp64_attention)
+    if not ia.attention_is_invariant(9, 3, 64):
         pytest.skip("this machine's BLAS failed the attention check: install uses float64 attention here")
-    assert bi.attention_is_invariant(16, 4, 32) and bi.attention_is_invariant(4, 4, 16)
+    assert ia.attention_is_invariant(16, 4, 32) and ia.attention_is_invariant(4, 4, 16)
 
     class Module:
         is_causal, num_key_value_groups = True, 3
 
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, h, n, 64, generator=gen) for h, n in ((9, 300), (3, 300), (3, 300)))
-    got, want = bi.f32_attention(Module(), q, k, v, None)[0], bi.fp64_attention(Module(), q, k, v, None)[0]
+    got, want = ia.f32_attention(Module(), q, k, v, None)[0], ia.fp64_attention(Module(), q, k, v, None)[0]
     assert (got - want).abs().max() < 1e-5 and not torch.equal(got, want)
     # 40 new queries after 260 cached keys, row 1 right-padded to 25 tokens; its query 30 is padding
     keys = torch.arange(300)
     mask = (keys <= torch.arange(260, 300)[:, None])[None] & (keys < torch.tensor([300, 285])[:, None, None])
     mask[1, 30] = False
-    got = bi.f32_attention(Module(), q[:, :, 260:], k, v, mask[:, None])[0]
-    want = bi.fp64_attention(Module(), q[:, :, 260:], k, v, mask[:, None])[0]
+    got = ia.f32_attention(Module(), q[:, :, 260:], k, v, mask[:, None])[0]
+    want = ia.fp64_attention(Module(), q[:, :, 260:], k, v, mask[:, None])[0]
     assert (got - want).abs().max() < 1e-5 and torch.equal(got[1, 30], torch.zeros_like(got[1, 30]))
 
 
-def test_q_k_v_share_one_quantized_input_until_it_changes(fp8_artifact):
+def test_q_k_v_share_one_quantized_input_until_it_changes():
     """Projections that read the same tensor (q/k/v, gate/up) get the codes computed once; an
     in-place change or another tensor is quantized again, and the codes are always
-    _quantize_input's. The memo is dropped with its input, so no activation outlives a forward."""
-    model = _load(fp8_artifact)
-    bi.install(model, tiles=False)
-    args = bi.quantized_linears(model)[0][1].quantization_scheme.input_activations
+    quantize_input's. The memo is dropped with its input, so no activation outlives a forward
+    (that install gives all of a model's FP8 layers one memo: test_fp8_linear_is_exact_...)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True)  # FP8_DYNAMIC's input
+    shared = il.SharedInput()
     x = torch.randn(2, 5, 64)
-    first = bi._shared_input(x, args, None)
-    assert bi._shared_input(x, args, None) is first
-    for a, b in zip(first, bi._quantize_input(x, args, None)):
+    first = shared(x, args, None)
+    assert shared(x, args, None) is first
+    for a, b in zip(first, il.quantize_input(x, args, None)):
         assert torch.equal(a, b)
     x.mul_(3)
-    again = bi._shared_input(x, args, None)
-    assert again is not first and torch.equal(again[1], bi._quantize_input(x, args, None)[1]) and not torch.equal(again[1], first[1])
-    assert bi._shared_input(x.clone(), args, None) is not again
+    again = shared(x, args, None)
+    assert again is not first and torch.equal(again[1], il.quantize_input(x, args, None)[1]) and not torch.equal(again[1], first[1])
+    assert shared(x.clone(), args, None) is not again
+    assert il.SharedInput()(x, args, None) is not again  # another model's memo
     y = torch.randn(3, 4, 64)
-    bi._shared_input(y, args, None)
-    assert bi._LAST_INPUT[3] is not None
+    shared(y, args, None)
+    assert shared.entry is not None
     del y
-    assert bi._LAST_INPUT == [None, -1, None, None]
+    assert shared.entry is None
 
 
 def _requests():
@@ -197,15 +206,14 @@ def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_siz
     assert ("attention float32" in loaded.evaluated_as) == ("float32 in fixed" in loaded.evaluated_as)  # with the tiles
     # float32 attention takes packed suffixes (unpacked into the padded batch inside it)
     assert loaded.lm.packing == ("attention float32" in loaded.evaluated_as)
-    packed, run_packed = [], type(loaded.lm)._packed_hidden
-    # (recorded per packed row: whether answers shared their question's trie nodes)
-    shared = lambda suffixes: SuffixTrie.of(suffixes).nodes < sum(map(len, suffixes))  # noqa: E731
-    monkeypatch.setattr(type(loaded.lm), "_packed_hidden", lambda self, *a: packed.append(shared(a[0])) or run_packed(self, *a))
     model = loaded.lm.model
     kw = dict(pretrained=model, tokenizer=tok, device="cpu", max_length=256)
     want = HFLM(batch_size=1, **kw).loglikelihood(reqs)
+    before = dataclasses.replace(loaded.lm.packed)
     assert loaded.lm.loglikelihood(reqs) == want
-    assert any(packed) == loaded.lm.packing
+    # packed rows ran where packing is on (answers sharing their question's trie nodes), else none
+    packed = loaded.lm.packed.since(before)
+    assert (packed.rows > 0) == loaded.lm.packing and (packed.nodes < packed.suffix_tokens) == loaded.lm.packing
     assert HFLM(batch_size=8, **kw).loglikelihood(reqs) == want
     loaded.lm.batch_size_per_gpu = 8
     assert loaded.lm.loglikelihood(reqs) == want
@@ -215,44 +223,49 @@ def test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_siz
     assert loaded.lm.generate_until(prompts) == HFLM(batch_size=1, **kw).generate_until(prompts)
 
 
-def test_fp8_rows_have_their_own_result_keys_and_other_rows_keep_theirs(tiny_model, data_dir, tmp_path):
-    """The batch-invariant evaluation is another computation: FP8 rows' eval and KL keys carry the
-    backend's activation kernel; the base's and a weight-only row's keys are as before."""
+@pytest.mark.slow
+def test_another_activation_kernel_recomputes_the_fp8_row_and_reuses_the_rest(tiny_model, data_dir, tmp_path, monkeypatch):
+    """The batch-invariant evaluation is another computation: run again with another
+    TransformersBackend.activation_kernel, the FP8 row's stored KL is recomputed, not reused, and its
+    evaluations get new keys, while its build, the base's KL reference and the evaluations of the
+    base and of a weight-only row are what they were."""
     from test_pipeline import write_recipe
 
-    from pipeline import store
     from pipeline.backends.hf import TransformersBackend
-    from pipeline.job import Job
+    from pipeline.job import Job, ModelSlot
     from pipeline.recipe import load_recipe
 
     variants = {"fp8": [{"stage": "fp8"}], "gptq": [{"stage": "gptq"}]}
     path = write_recipe(tmp_path, tiny_model, data_dir, variants=variants, tasks={"humaneval": None})
-    job = Job(load_recipe(path), tmp_path / "artifacts")
-    job.prepare()
-    plan = job.plan()
-    plain = store.lib_versions(TransformersBackend.libraries)
-    tagged = {**plain, "activation_kernel": TransformersBackend.activation_kernel}
-    evals = [s for s in plan.steps if s.kind == "eval"]
-    assert {s.row for s in evals} == {"base", "fp8", "gptq"}
-    for s in evals:
-        art = plan.artifact_step(s.row)
-        key = store.content_key(art.key if art else job.base.key, job.evaluator.settings(s.task), tagged if s.row == "fp8" else plain)
-        assert s.key == key
-    kl = {s.row: s.key for s in plan.steps if s.kind == "kl"}
-    fp8_art = plan.artifact_step("fp8").key
-    assert kl["fp8"] == store.content_key(fp8_art, next(s for s in plan.steps if s.kind == "kl_reference").key, tagged)
+
+    def run() -> tuple[dict, dict]:
+        """(eval keys by row and task, reused by step kind) of the base's and the FP8 row's builds and KL steps, run."""
+        job = Job(load_recipe(path), tmp_path / "artifacts")
+        job.prepare()
+        plan, slot = job.plan(), ModelSlot(job)
+        reused = {s.kind: job.run_step(s, slot) for s in plan.steps if s.kind != "eval" and s.row in ("base", "fp8")}
+        return {(s.row, s.task): s.key for s in plan.steps if s.kind == "eval"}, reused
+
+    keys, reused = run()
+    assert reused == {"build": False, "kl_reference": False, "kl": False}
+    assert run()[1] == {"build": True, "kl_reference": True, "kl": True}  # the same computation: all reused
+    monkeypatch.setattr(TransformersBackend, "activation_kernel", "another-kernel")
+    again, reused = run()
+    assert reused == {"build": True, "kl_reference": True, "kl": False}
+    assert {row for (row, task), key in again.items() if key != keys[row, task]} == {"fp8"}
+    assert {row for row, _ in keys} == {"base", "fp8", "gptq"}
 
 
 def test_rows_go_into_the_smallest_tile_that_holds_them_with_little_padding_else_the_largest_that_fits():
-    def tiles(m, pad_up=bi.PAD_UP):
-        return [t for _, t in bi._tiles(m, bi.TILES, pad_up)]
+    def tiles(m, pad_up=il.PAD_UP):
+        return [t for _, t in il.tile_spans(m, il.TILES, pad_up)]
 
     assert tiles(460) == [512]  # 11% padding: one fast call
     assert tiles(600) == [512, 64, 16, 8]  # 1,024 would pad by 71%; the last tile holds 8 of 8
     assert tiles(3) == [8] and tiles(2048) == [1024, 1024]
     assert tiles(460, pad_up=1.0) == [256, 128, 64, 8, 8]  # attention's rule: no padding up
     for m in range(1, 3000, 7):
-        got = list(bi._tiles(m, bi.TILES, bi.PAD_UP))
+        got = list(il.tile_spans(m, il.TILES, il.PAD_UP))
         assert [a for a, _ in got] == [sum(t for _, t in got[:i]) for i in range(len(got))]
         assert sum(t for _, t in got[:-1]) < m <= sum(t for _, t in got)  # covers m, only the last tile padded
 
@@ -261,14 +274,14 @@ def test_tiled_lm_head_gives_each_row_the_same_logits_in_any_batch():
     """The float32 head runs [t, hidden] (t in TILES) x [hidden, <= COL_BLOCK] calls: a row's logits, across
     several column blocks, are the same alone as in batches of 5 and 40, and float32-close to exact."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(64, 2 * bi.COL_BLOCK + 5, bias=False)
-    if not all(bi.tiles_are_invariant(wt) for wt in bi._call_shapes([head.weight])):
+    head = torch.nn.Linear(64, 2 * il.COL_BLOCK + 5, bias=False)
+    if not all(il.tiles_are_invariant(wt) for wt in il.call_shapes([head.weight])):
         pytest.skip("this machine's BLAS failed the load-time check")
     x = torch.randn(40, 64)
-    y = bi._tiled_head(head)(x)
+    y = il.tiled_head(head)(x)
     for r in (0, 3, 35):
-        assert torch.equal(bi._tiled_head(head)(x[r : r + 1]), y[r : r + 1])
-        assert torch.equal(bi._tiled_head(head)(x[r : r + 5]), y[r : r + 5])
+        assert torch.equal(il.tiled_head(head)(x[r : r + 1]), y[r : r + 1])
+        assert torch.equal(il.tiled_head(head)(x[r : r + 5]), y[r : r + 5])
     exact = x.double() @ head.weight.double().T
     assert ((y.double() - exact).abs().max() <= 1e-5 * exact.abs().max()).item()
 
@@ -277,10 +290,10 @@ def test_lm_head_in_vocabulary_blocks_equals_the_whole_float64_head():
     """The float64 head converts HEAD_BLOCK vocabulary rows at a time (bounded memory) and still
     gives each logit as one float64 dot product rounded once: the whole head's values exactly."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(64, 3 * bi.HEAD_BLOCK + 5, bias=False)
+    head = torch.nn.Linear(64, 3 * il.HEAD_BLOCK + 5, bias=False)
     x = torch.randn(17, 64)
     want = (x.double() @ head.weight.double().T).float()
-    assert torch.equal(bi._fp64_head(head)(x), want)
+    assert torch.equal(il.fp64_head(head)(x), want)
 
 
 def test_fp8_table_lookup_gives_the_casts_bits():
@@ -288,8 +301,8 @@ def test_fp8_table_lookup_gives_the_casts_bits():
     256 codes (NaN codes and signed zeros included) and in the input's shape."""
     codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.float8_e4m3fn)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        got, want = bi._from_fp8(codes, dtype), codes.to(dtype)
+        got, want = il.from_fp8(codes, dtype), codes.to(dtype)
         assert got.dtype == dtype and torch.equal(got.isnan(), want.isnan()) and torch.equal(got.signbit(), want.signbit())
         assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
     x = (torch.randn(3, 5, 7, generator=torch.Generator().manual_seed(0)) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    assert torch.equal(bi._from_fp8(x, torch.float32), x.float())
+    assert torch.equal(il.from_fp8(x, torch.float32), x.float())

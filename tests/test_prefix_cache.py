@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.backends.prefix_cache import PrefixCachingHFLM, SuffixTrie, head_rows, plan_groups
+from pipeline.backends.lm_head import head_rows
+from pipeline.backends.prefix_cache import PrefixCachingHFLM
+from pipeline.backends.prefix_groups import SuffixTrie, plan_groups
 
 
 @settings(max_examples=200, deadline=None)
@@ -82,7 +86,7 @@ def _requests(n_items=5):
 class _Count:
     """Counts the positions a module is applied to (token ids, or hidden states [..., hidden]), its
     calls, and the most positions in one call. An LM head that returned no logits (its input was
-    only recorded, see prefix_cache._head_inputs) is not counted."""
+    only recorded, see lm_head.head_inputs) is not counted."""
 
     def __init__(self, module):
         self.positions = self.calls = self.widest = 0
@@ -123,7 +127,7 @@ def test_loglikelihoods_match_stock_hflm_with_fewer_tokens_run(tiny_lms):
 
 
 def test_packed_suffixes_read_what_padded_batches_read_from_fewer_positions(tiny_lms, monkeypatch):
-    from pipeline.backends import prefix_cache
+    from pipeline.backends import prefix_groups
 
     stock, ours, model = tiny_lms
     assert ours.packing  # the load-time check passed for this llama
@@ -140,18 +144,24 @@ def test_packed_suffixes_read_what_padded_batches_read_from_fewer_positions(tiny
         return out
 
     monkeypatch.setattr(PrefixCachingHFLM, "_packed_hidden", packed_hidden)
+    before = dataclasses.replace(ours.packed)
     with _Count(model.model) as packed:
         got = ours.loglikelihood(reqs)
     # a packed row runs each distinct token once: the answers share their question's tokens
     assert rows and all(ran == nodes for _, nodes, ran in rows)
     assert any(nodes < tokens for tokens, nodes, _ in rows)
-    monkeypatch.setattr(prefix_cache, "PACK_TOKENS", 0)  # never pays: padded batches
+    # the scorer counts the packed rows it ran: the ones the model ran, with their tokens
+    counted = ours.packed.since(before)
+    assert counted.rows == len(rows) and counted.nodes == sum(ran for _, _, ran in rows) < counted.suffix_tokens
+    assert counted.suffix_tokens == sum(tokens for tokens, _, _ in rows)
+    monkeypatch.setattr(prefix_groups, "PACK_TOKENS", 0)  # never pays: padded batches
+    after = dataclasses.replace(ours.packed)
     with _Count(model.model) as padded:
         unpacked = ours.loglikelihood(reqs)
+    assert ours.packed == after  # no packed row ran
     _assert_same_answers(got, want)
     _assert_same_answers(unpacked, want)
     assert packed.positions < padded.positions
-    assert any(a != b for a, b in zip(got, unpacked))  # the packed path did run (float rounding differs)
 
 
 def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_read(tiny_model, tiny_lms, monkeypatch):
@@ -160,10 +170,10 @@ def test_stock_batching_rows_read_the_same_logprobs_with_the_lm_head_only_where_
     to fewer positions, a bounded number at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.backends import prefix_cache
+    from pipeline.backends import lm_head
 
     stock = tiny_lms[0]
-    monkeypatch.setattr(prefix_cache, "LOGITS_CHUNK_BYTES", 4 * 512 * 20)  # 20 rows of logits at a time
+    monkeypatch.setattr(lm_head, "LOGITS_CHUNK_BYTES", 4 * 512 * 20)  # 20 rows of logits at a time
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval()
     ours = PrefixCachingHFLM(
         pretrained=model,
@@ -203,7 +213,7 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
     from helpers import FIXED_TEXT
     from lm_eval.api.instance import Instance
 
-    from pipeline.backends.prefix_cache import append_cache
+    from pipeline.backends.generation_cache import append_cache
 
     stock, ours, model = tiny_lms
     gen = {"until": ["\n\n\n"], "max_gen_toks": 300, "do_sample": False}
@@ -257,8 +267,11 @@ def test_gqa_attention_in_place_is_bit_identical_to_sdpa(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from pipeline.backends.attention import use_sdpa_gqa
+
     stock, ours = (AutoModelForCausalLM.from_pretrained(tiny_model, dtype="float32").eval() for _ in range(2))
-    ours.set_attn_implementation("sdpa_gqa")
+    use_sdpa_gqa(ours)
+    assert ours.config._attn_implementation == "sdpa_gqa"
     torch.manual_seed(0)
     ids = torch.randint(5, 500, (3, 70))
     mask = torch.ones_like(ids)
@@ -273,9 +286,12 @@ def test_gqa_attention_in_place_is_bit_identical_to_sdpa(tiny_model):
     assert torch.equal(a, b)
 
 
-def test_rows_with_run_time_activation_quantization_keep_stock_log_likelihoods(tmp_path):
+def test_checkpoints_that_quantize_activations_at_run_time_are_recognised_from_their_config(tmp_path):
     """FP8-dynamic activations round to 8 bits at run time: a different summation order can move a
-    value across a rounding boundary, so those rows are recognised and evaluated batch-invariantly."""
+    value across a rounding boundary, so the backend must recognise those checkpoints (here: from
+    config.json's quantization groups) to evaluate them batch-invariantly. That their scores then
+    equal stock lm-eval's at batch size 1 is tests/test_batch_invariant.py's
+    test_loaded_fp8_row_shares_prefixes_and_scores_exactly_as_stock_at_batch_size_1."""
     import json
 
     from pipeline.backends.hf import _dynamic_activations
@@ -314,7 +330,7 @@ def test_auto_batch_size_is_measured_and_the_evaluation_stays_within_the_budget(
     from lm_eval.api.instance import Instance
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.backends.prefix_cache import auto_batch_size
+    from pipeline.backends.auto_batch import auto_batch_size
     from pipeline.errors import QuantpipeError
     from pipeline.memory import peak_memory_bytes, resident_bytes
 

@@ -163,7 +163,7 @@ class _TorchBackend(Backend):
     def next_token_logprobs(self, loaded: LoadedModel, ids: list[int], rows: int) -> Iterator[np.ndarray]:
         import torch
 
-        from .prefix_cache import hf_next_token_logprobs
+        from .lm_head import hf_next_token_logprobs
 
         for logp in hf_next_token_logprobs(loaded.lm.model, ids, chunk=rows, dtype=torch.float64):
             yield logp.numpy()

@@ -1,4 +1,5 @@
-"""Parameters and checks shared by the 4-bit weight-only stages (AWQ, GPTQ)."""
+"""What the 4-bit weight-only stages (AWQ, GPTQ) share: parameters, checks, and the two ways they
+run: llm-compressor (saved as compressed-tensors) or GPTQModel (its native checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Literal
 from pydantic import Field
 
 from ..remote_code import trust
-from .base import Artifact, ModelInfo, StageContext, StageParams
+from ._llmcompressor import oneshot_to_compressed_tensors
+from .base import Artifact, ModelInfo, Stage, StageContext, StageParams
 
 
 class WeightOnlyParams(StageParams):
@@ -80,3 +82,41 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+class WeightOnlyStage(Stage):
+    """A weight-only stage with its two backends: llm-compressor's `modifier()`, saved as
+    compressed-tensors, or GPTQModel with `gptqmodel_config()`, saved in `native_format`."""
+
+    native_format: str  # the format GPTQModel saves this method in
+
+    def check(self, model: ModelInfo) -> None:
+        check_group_size(self.params, model)
+        if self.params.backend == "gptqmodel":
+            self.check_gptqmodel(model)
+
+    def check_gptqmodel(self, model: ModelInfo) -> None:
+        """Refuse (ValueError) what GPTQModel cannot quantize or save for this stage."""
+
+    def gptqmodel_config(self):
+        """GPTQModel's QuantizeConfig for these parameters."""
+        raise NotImplementedError
+
+    def modifier(self):
+        """llm-compressor's modifier for these parameters."""
+        raise NotImplementedError
+
+    def uses_calibration(self) -> bool:
+        return True
+
+    def output_format(self, input_format: str = "hf") -> str:
+        return self.native_format if self.params.backend == "gptqmodel" else "compressed-tensors"
+
+    def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:
+        p: WeightOnlyParams = self.params
+        bits = f"W{p.bits}A16 g{p.group_size}"
+        if p.backend == "gptqmodel":
+            gptqmodel_quantize(inp, out_dir, ctx, self.gptqmodel_config())
+            return Artifact(out_dir, self.native_format, key="", bits=bits)
+        oneshot_to_compressed_tensors(inp, out_dir, ctx, self.modifier(), needs_data=True)
+        return Artifact(out_dir, "compressed-tensors", key="", bits=bits)

@@ -6,48 +6,35 @@ only quantizes AWQ with CUDA, so that backend is refused up front on a CPU-only 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ._llmcompressor import oneshot_to_compressed_tensors
-from ._weight_only import WeightOnlyParams, _cuda, check_group_size, gptqmodel_quantize, int_weight_scheme
-from .base import Artifact, ModelInfo, Stage, StageContext
+from ._weight_only import WeightOnlyParams, WeightOnlyStage, _cuda, int_weight_scheme
+from .base import ModelInfo
 
 
 class AWQParams(WeightOnlyParams):
     symmetric: bool = False  # W4A16_ASYM is AWQ's usual scheme (zero points per group)
 
 
-class AWQStage(Stage):
+class AWQStage(WeightOnlyStage):
     name = "awq"
     Params = AWQParams
     libraries = ("llmcompressor", "compressed-tensors", "gptqmodel", "transformers", "torch")
+    native_format = "awq"
 
-    def check(self, model: ModelInfo) -> None:
-        check_group_size(self.params, model)
-        if self.params.backend == "gptqmodel" and not _cuda():
+    def check_gptqmodel(self, model: ModelInfo) -> None:
+        if not _cuda():
             raise ValueError("backend 'gptqmodel' quantizes AWQ only with CUDA; use backend 'llmcompressor' on CPU")
-        if self.params.backend == "gptqmodel" and self.params.symmetric:
+        if self.params.symmetric:
             raise ValueError("GPTQModel's AWQ format is asymmetric; set symmetric: false")
 
-    def uses_calibration(self) -> bool:
-        return True
+    def gptqmodel_config(self):
+        from gptqmodel import QuantizeConfig
+        from gptqmodel.quantization import FORMAT, METHOD
 
-    def output_format(self, input_format: str = "hf") -> str:
-        return "awq" if self.params.backend == "gptqmodel" else "compressed-tensors"
-
-    def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:
         p: AWQParams = self.params
-        bits = f"W{p.bits}A16 g{p.group_size}"
-        if p.backend == "gptqmodel":
-            from gptqmodel import QuantizeConfig
-            from gptqmodel.quantization import FORMAT, METHOD
+        return QuantizeConfig(bits=p.bits, group_size=p.group_size, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
 
-            qc = QuantizeConfig(bits=p.bits, group_size=p.group_size, quant_method=METHOD.AWQ, format=FORMAT.GEMM)
-            gptqmodel_quantize(inp, out_dir, ctx, qc)
-            return Artifact(out_dir, "awq", key="", bits=bits)
-
+    def modifier(self):
         from llmcompressor.modifiers.awq import AWQModifier
 
-        modifier = AWQModifier(config_groups=int_weight_scheme(p, p.symmetric), ignore=p.ignore)
-        oneshot_to_compressed_tensors(inp, out_dir, ctx, modifier, needs_data=True)
-        return Artifact(out_dir, "compressed-tensors", key="", bits=bits)
+        p: AWQParams = self.params
+        return AWQModifier(config_groups=int_weight_scheme(p, p.symmetric), ignore=p.ignore)

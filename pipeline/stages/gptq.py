@@ -6,11 +6,8 @@ backend gptqmodel: GPTQModel, saved in the GPTQ v1 checkpoint format (vLLM, GPTQ
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ._llmcompressor import oneshot_to_compressed_tensors
-from ._weight_only import WeightOnlyParams, check_gptqmodel_config, check_group_size, gptqmodel_quantize, int_weight_scheme
-from .base import Artifact, ModelInfo, Stage, StageContext
+from ._weight_only import WeightOnlyParams, WeightOnlyStage, check_gptqmodel_config, int_weight_scheme
+from .base import ModelInfo
 
 
 class GPTQParams(WeightOnlyParams):
@@ -19,38 +16,27 @@ class GPTQParams(WeightOnlyParams):
     act_order: bool = False
 
 
-class GPTQStage(Stage):
+class GPTQStage(WeightOnlyStage):
     name = "gptq"
     Params = GPTQParams
     libraries = ("llmcompressor", "compressed-tensors", "gptqmodel", "transformers", "torch")
+    native_format = "gptq"
 
-    def check(self, model: ModelInfo) -> None:
-        check_group_size(self.params, model)
-        if self.params.backend == "gptqmodel":
-            check_gptqmodel_config(model)
+    def check_gptqmodel(self, model: ModelInfo) -> None:
+        check_gptqmodel_config(model)
 
-    def uses_calibration(self) -> bool:
-        return True
+    def gptqmodel_config(self):
+        from gptqmodel import QuantizeConfig
 
-    def output_format(self, input_format: str = "hf") -> str:
-        return "gptq" if self.params.backend == "gptqmodel" else "compressed-tensors"
-
-    def run(self, inp: Artifact, out_dir: Path, ctx: StageContext) -> Artifact:
         p: GPTQParams = self.params
-        bits = f"W{p.bits}A16 g{p.group_size}"
-        if p.backend == "gptqmodel":
-            from gptqmodel import QuantizeConfig
+        return QuantizeConfig(bits=p.bits, group_size=p.group_size, sym=p.symmetric, desc_act=p.act_order, damp_percent=p.dampening_frac)
 
-            qc = QuantizeConfig(bits=p.bits, group_size=p.group_size, sym=p.symmetric, desc_act=p.act_order, damp_percent=p.dampening_frac)
-            gptqmodel_quantize(inp, out_dir, ctx, qc)
-            return Artifact(out_dir, "gptq", key="", bits=bits)
-
+    def modifier(self):
         from llmcompressor.modifiers.quantization import GPTQModifier
 
-        modifier = GPTQModifier(
+        p: GPTQParams = self.params
+        return GPTQModifier(
             config_groups=int_weight_scheme(p, p.symmetric, "static" if p.act_order else None),
             ignore=p.ignore,
             dampening_frac=p.dampening_frac,
         )
-        oneshot_to_compressed_tensors(inp, out_dir, ctx, modifier, needs_data=True)
-        return Artifact(out_dir, "compressed-tensors", key="", bits=bits)
