@@ -200,7 +200,6 @@ def run_on_ray(jobs: list[Job], address: str | None = None, wait: bool = False) 
         raise QuantpipeError(f"cannot start or reach a Ray cluster at {address or '(local)'}: {e}") from e
     task = ray.remote(step_task)
     try:
-        check_nodes(ray, jobs)
         gpus, node_gpus = cluster_gpus(ray.nodes())
         with contextlib.ExitStack() as locks:
             reports = []
@@ -210,6 +209,7 @@ def run_on_ray(jobs: list[Job], address: str | None = None, wait: bool = False) 
                 if sequential:
                     check_sequential(job)
                 plan = job.start()
+                check_nodes(ray, [job])  # before any step: every node sees the store, data and model
                 spec, refs = job_spec(job), {}
                 options = {s.id: task_options(job, s, gpus, node_gpus) for s in plan.steps}  # refused before any task runs
                 log.info("%s: Ray requests: %s", job.recipe.name, request_summary(plan, options))

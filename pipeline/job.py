@@ -77,15 +77,7 @@ class ModelSlot:
             self.release()
             art = self.job.artifact(row)
             log.debug("%s: loading %s for evaluation (%s)", row, art.path, backend.name)
-            ev = self.job.evaluator
-            extra = {}
-            if (budget := ev.memory_budget_bytes()) is not None:  # plug-ins without the keyword keep working
-                extra["memory_budget"] = budget
-            if backend.engine == "vllm":
-                extra["vllm"] = self.job.recipe.eval.vllm
-            # a backend that serves only a row's KL steps (vLLM rows) evaluates nothing: no batch to size
-            batch = ev.batch_size if backend is self.job.eval_backend(row) else 1
-            self.loaded = backend().load(art, self.job.recipe.model.dtype, batch, MAX_LENGTH, **extra)
+            self.loaded = backend().load(art, **self.job.load_args(row, backend))
             if remote_code.allowed():
                 self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
             self.row = (row, backend.name)
@@ -196,6 +188,18 @@ class Job:
         if step.kind == "kl_reference":
             return self.reference_backend()
         return self.kl_backend(step.row)
+
+    def load_args(self, row: str, backend: type[Backend]) -> dict:
+        """Backend.load's arguments for a row's model (the artifact aside)."""
+        ev = self.evaluator
+        # a backend that serves only a row's KL steps (vLLM rows) evaluates nothing: no batch to size
+        batch = ev.batch_size if backend is self.eval_backend(row) else 1
+        args = {"dtype": self.recipe.model.dtype, "batch_size": batch, "max_length": MAX_LENGTH}
+        if batch == "auto" and (budget := ev.memory_budget_bytes()) is not None:  # plug-ins without the keyword keep working
+            args["memory_budget"] = budget
+        if backend.engine == "vllm":
+            args["vllm"] = self.recipe.eval.vllm
+        return args
 
     def check_kl(self) -> None:
         """A recipe that asks for KL where no backend can give it is refused before any work."""
