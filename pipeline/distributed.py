@@ -74,6 +74,12 @@ def task_options(job: Job, step: Step, cluster_gpus: float, node_gpus: float) ->
     res = job.recipe.resources.build if step.kind == "build" else job.recipe.resources.evaluate
     opts = res.ray_options()
     need = gpus_needed(job, step)
+    if need and job.recipe.eval.vllm.data_parallel_size > 1:
+        # lm-eval runs each replica as a Ray actor of its own asking for GPUs: inside a task that holds them, it would wait forever
+        raise QuantpipeError(
+            "eval.vllm.data_parallel_size > 1 starts lm-eval's own Ray actors, which cannot run inside a Ray task; "
+            "with --executor ray use data_parallel_size: 1 (rows already run in parallel, one task each)"
+        )
     if "num_gpus" not in res.model_fields_set:
         opts["num_gpus"] = max(need, 1) if cluster_gpus > 0 else need
     if opts["num_gpus"] < need:

@@ -1,4 +1,5 @@
-"""A Job rebuilt in another process, and a row's model steps run in a process of its own.
+"""Where a row's model lives: `ModelSlot` (one loaded model at a time, here or in a process of
+the row's own), a Job rebuilt in another process, and that process.
 
 `job_spec` is everything another process needs to rebuild the driver's Job (the Ray workers and
 the row processes below both use it); `worker_job` rebuilds and prepares it once per process.
@@ -27,11 +28,56 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import remote_code, store
+
 if TYPE_CHECKING:
+    from .backends import Backend, LoadedModel
     from .job import Job
     from .plan import Step
 
 log = logging.getLogger("quantpipe")
+
+MAX_LENGTH = 4096  # context length of every evaluation (vLLM: eval.vllm.max_model_len may set its own)
+
+
+class ModelSlot:
+    """One loaded model at a time: consecutive steps of a row on the same backend share it.
+
+    `isolate` (default: when the recipe's engine is vLLM): the model steps of each (row, backend)
+    run in a spawned process of their own (isolation.RowProcess), ended when the next step needs
+    another row or backend, so every row starts with a fresh process's GPU memory."""
+
+    def __init__(self, job: Job, isolate: bool | None = None):
+        self.job, self.row, self.loaded = job, None, None
+        self.isolate = job.recipe.eval.engine == "vllm" if isolate is None else isolate
+        self.process = None  # isolation.RowProcess serving self.row
+
+    def get(self, row: str, backend: type[Backend]) -> LoadedModel:
+        if self.row != (row, backend.name):
+            self.release()
+            art = self.job.artifact(row)
+            log.debug("%s: loading %s for evaluation (%s)", row, art.path, backend.name)
+            self.loaded = backend().load(art, **self.job.load_args(row, backend))
+            if remote_code.allowed():
+                self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
+            self.row = (row, backend.name)
+        return self.loaded
+
+    def run_isolated(self, step: Step) -> bool:
+        """Run a model step in the process of its (row, backend), started if needed (not for a stored result)."""
+        if store.verify(step.path, step.key)[0] is not None:  # a re-run starts no process for what is stored
+            return True
+        who = (step.row, self.job.step_backend(step).name)
+        if self.process is None or self.process.who != who:
+            self.release()
+            self.process = RowProcess(self.job, who)
+        return self.process.run(step)
+
+    def release(self) -> None:
+        if self.process is not None:
+            self.process.close()  # returns once the process (and its GPU memory) is gone
+        self.row, self.loaded, self.process = None, None, None
+
 
 JOIN_S = 120  # how long a row process may take to shut its engine down before it is killed
 
@@ -74,10 +120,10 @@ def worker_job(spec: str) -> Job:
 
 def _serve(spec: str, conn, level: int) -> None:
     """The row process: run each step it is sent, reply (reused, None) or (None, exception)."""
+    from . import log as qlog
     from .job import ModelSlot
 
-    logging.basicConfig(level=level, format="%(message)s")
-    logging.getLogger("quantpipe").setLevel(level)
+    qlog.setup(1 if level <= logging.DEBUG else (0 if level <= logging.INFO else -1))  # as quiet as the parent
     job, slot = None, None
     try:
         job = worker_job(spec)
@@ -129,12 +175,16 @@ class RowProcess:
 
     def run(self, step: Step) -> bool:
         """Run `step` in the process; True when its result was reused. Its exception is re-raised here."""
+        if not self.proc.is_alive():
+            raise RowProcessError(f"{self.who[0]}'s process ({self.who[1]}) has ended (exit code {self.proc.exitcode})")
         try:
             self.conn.send(step)
             reused, error = self.conn.recv()
         except (EOFError, OSError, BrokenPipeError) as e:
             self.proc.join(5)
-            raise RowProcessError(f"{self.who[0]}'s process ({self.who[1]}) ended without an answer (exit code {self.proc.exitcode})") from e
+            raise RowProcessError(
+                f"{self.who[0]}'s process ({self.who[1]}) ended without an answer (exit code {self.proc.exitcode})"
+            ) from e
         if error is not None:
             exc, tb = error
             log.debug("%s failed in process %d:\n%s", step.id, self.pid, tb)

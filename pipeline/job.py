@@ -22,6 +22,7 @@ from .backends.base import DEFAULT_ENGINE
 from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator
+from .isolation import MAX_LENGTH, ModelSlot
 from .models import count_parameters, fingerprint, model_info, resolve_model
 from .plan import Plan, Step
 from .recipe import Recipe, check_against_model
@@ -55,48 +56,6 @@ def round_ends(n_chunks: int, growth: float) -> list[int]:
     while ends[-1] < n_chunks:
         ends.append(min(n_chunks, max(ends[-1] + 1, math.ceil(ends[-1] * growth))))
     return ends
-
-
-MAX_LENGTH = 4096  # context length of every evaluation (vLLM: eval.vllm.max_model_len may set its own)
-
-
-class ModelSlot:
-    """One loaded model at a time: consecutive steps of a row on the same backend share it.
-
-    `isolate` (default: when the recipe's engine is vLLM): the model steps of each (row, backend)
-    run in a spawned process of their own (isolation.RowProcess), ended when the next step needs
-    another row or backend, so every row starts with a fresh process's GPU memory."""
-
-    def __init__(self, job: Job, isolate: bool | None = None):
-        self.job, self.row, self.loaded = job, None, None
-        self.isolate = job.recipe.eval.engine == "vllm" if isolate is None else isolate
-        self.process = None  # isolation.RowProcess serving self.row
-
-    def get(self, row: str, backend: type[Backend]) -> LoadedModel:
-        if self.row != (row, backend.name):
-            self.release()
-            art = self.job.artifact(row)
-            log.debug("%s: loading %s for evaluation (%s)", row, art.path, backend.name)
-            self.loaded = backend().load(art, **self.job.load_args(row, backend))
-            if remote_code.allowed():
-                self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
-            self.row = (row, backend.name)
-        return self.loaded
-
-    def run_isolated(self, step: Step) -> bool:
-        """Run a model step in the process of its (row, backend), started if needed."""
-        from .isolation import RowProcess
-
-        who = (step.row, self.job.step_backend(step).name)
-        if self.process is None or self.process.who != who:
-            self.release()
-            self.process = RowProcess(self.job, who)
-        return self.process.run(step)
-
-    def release(self) -> None:
-        if self.process is not None:
-            self.process.close()  # returns once the process (and its GPU memory) is gone
-        self.row, self.loaded, self.process = None, None, None
 
 
 class Job:
@@ -393,7 +352,10 @@ class Job:
             rec, why = store.verify(ref.path, ref.key)
             if rec is None:
                 raise QuantpipeError(f"the base's KL reference at {ref.path} is not computed ({why})")
-            return {"top_k": dv.TOP_K, "sets": dv.compare(models.get(step.row, self.kl_backend(step.row)), dv.load_reference(rec.path / "reference.npz"))}
+            return {
+                "top_k": dv.TOP_K,
+                "sets": dv.compare(models.get(step.row, self.kl_backend(step.row)), dv.load_reference(rec.path / "reference.npz")),
+            }
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 

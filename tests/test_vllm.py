@@ -57,7 +57,7 @@ def test_vllm_block_is_validated_field_by_field():
     for block, field in bad:
         with pytest.raises(RecipeError) as e:
             parse_recipe(_recipe(**block))
-        assert str(e.value).startswith(field), (block, str(e.value))
+        assert str(e.value).startswith(f"recipe field '{field}"), (block, str(e.value))
     r = _recipe(data_parallel_size=2)
     r["eval"]["batch_size"] = 8  # lm-eval batches automatically with data parallelism: the key would lie
     with pytest.raises(RecipeError, match="data_parallel_size"):
@@ -95,7 +95,12 @@ def test_engine_kwargs_carry_the_recipe_block_and_the_stage_options(tmp_path):
     # a TurboQuant row's own KV preset wins for that row; a plain row keeps the recipe's dtype
     tq = Artifact(tmp_path, "hf", "k", 16, {"engine_options": {"vllm": {"kv_cache_dtype": "turboquant_k8v4"}}})
     kw = engine_kwargs(tq, "bfloat16", 8, 4096, VLLMSpec(max_model_len=2048, pipeline_parallel_size=2), True)
-    assert (kw["kv_cache_dtype"], kw["dtype"], kw["max_model_len"], kw["pipeline_parallel_size"]) == ("turboquant_k8v4", "bfloat16", 2048, 2)
+    assert (kw["kv_cache_dtype"], kw["dtype"], kw["max_model_len"], kw["pipeline_parallel_size"]) == (
+        "turboquant_k8v4",
+        "bfloat16",
+        2048,
+        2,
+    )
     assert kw["trust_remote_code"] is True and "max_num_seqs" not in kw and "enable_prefix_caching" not in kw
 
 
@@ -111,8 +116,15 @@ def test_engine_kwargs_are_arguments_lm_eval_s_vllm_takes(tmp_path):
     spec = VLLMSpec(tensor_parallel_size=2, pipeline_parallel_size=2, max_num_seqs=8, enable_prefix_caching=True)
     kw = engine_kwargs(Artifact(tmp_path, "hf", "k", 16, {}), "auto", "auto", 4096, spec, False)
     assert {"pretrained", "dtype", "batch_size", "max_model_len", "seed", "trust_remote_code"} <= named
-    assert {"tensor_parallel_size", "data_parallel_size", "gpu_memory_utilization"} <= named
-    assert set(kw) - named == {"kv_cache_dtype", "max_num_seqs", "enable_prefix_caching", "pipeline_parallel_size"}  # vllm.LLM's
+    assert {"tensor_parallel_size", "data_parallel_size"} <= named
+    # vllm.LLM's own (EngineArgs), passed on by lm-eval's **kwargs
+    assert set(kw) - named == {
+        "gpu_memory_utilization",
+        "kv_cache_dtype",
+        "max_num_seqs",
+        "enable_prefix_caching",
+        "pipeline_parallel_size",
+    }
 
 
 # -- planning a vLLM run on CPU: KL routing, keys, load arguments ----------------------------------
@@ -123,6 +135,7 @@ def _planned(tmp: Path, model: Path, data_dir: Path, variants: dict, vllm: dict 
     from pipeline.job import Job
     from pipeline.recipe import load_recipe
 
+    tmp.mkdir(parents=True, exist_ok=True)
     path = write_recipe(tmp, model, data_dir, variants=variants, tasks=TASKS)
     data = yaml.safe_load(path.read_text())
     data["eval"] |= {"engine": "vllm", "vllm": vllm or {}}
@@ -165,7 +178,7 @@ def test_vllm_rows_get_their_kl_from_the_default_engine(vllm_job):
 
 
 def test_vllm_arguments_enter_only_vllm_rows_keys(vllm_job, tiny_model, data_dir, tmp_path):
-    other = _planned(tmp_path, tiny_model, data_dir, dict(vllm_job.recipe.variants), vllm={"tensor_parallel_size": 2})
+    other = _planned(tmp_path, tiny_model, data_dir, {"fp8": [{"stage": "fp8"}], "gguf-q8": GGUF}, vllm={"tensor_parallel_size": 2})
     a = {(s.kind, s.row, s.task): s.key for s in vllm_job.plan().steps}
     b = {(s.kind, s.row, s.task): s.key for s in other.plan().steps}
     assert a.keys() == b.keys()
@@ -231,8 +244,13 @@ def test_ray_requests_follow_the_recipe_resources_but_never_below_a_vllm_engine(
         vllm_job.recipe.resources = Resources.model_validate({"evaluate": {"num_gpus": 1}})
         with pytest.raises(QuantpipeError, match="needs 4 GPU.*resources.evaluate.num_gpus is 1"):
             task_options(vllm_job, vllm_eval, 8, 8)
+        vllm_job.recipe.resources = saved
+        vllm_job.recipe.eval.vllm.data_parallel_size = 2  # lm-eval's own Ray actors cannot run inside a task
+        with pytest.raises(QuantpipeError, match="data_parallel_size > 1 starts lm-eval's own Ray actors"):
+            task_options(vllm_job, vllm_eval, 8, 8)
     finally:
         vllm_job.recipe.resources = saved
+        vllm_job.recipe.eval.vllm.data_parallel_size = 1
 
 
 # -- a process per row ---------------------------------------------------------------------------
