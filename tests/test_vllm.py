@@ -282,7 +282,7 @@ def test_each_row_runs_in_a_process_of_its_own_with_the_same_results(tiny_model,
     from pipeline.memory import descendants
     from pipeline.recipe import load_recipe
 
-    tasks = {**TASKS, "truthfulqa_mc2": None}  # MMLU's one item keeps it short
+    tasks = {**TASKS, "truthfulqa_mc2": None}  # MMLU alone (one item) keeps it short
     path = write_recipe(tmp_path, tiny_model, data_dir, variants={"fp8": [{"stage": "fp8"}]}, tasks=tasks)
 
     def job(root: str) -> Job:
@@ -309,7 +309,7 @@ def test_each_row_runs_in_a_process_of_its_own_with_the_same_results(tiny_model,
     assert set(pids) == {("base", "transformers"), ("fp8", "transformers")}
     assert all(len(p) == 1 for p in pids.values()) and len(set.union(*pids.values())) == 2
     assert ended
-    for rel in ("base/eval/mmlu", "fp8/eval/truthfulqa_mc2", "fp8/kl"):
+    for rel in ("base/eval/mmlu", "fp8/eval/mmlu", "base/kl-reference", "fp8/kl"):
         a, b = record(tmp_path / "inproc" / "tiny" / rel), record(tmp_path / "isolated" / "tiny" / rel)
         assert a["key"] == b["key"] and a["files"] == b["files"], rel  # the same samples, bit for bit
     assert not list((tmp_path / "isolated" / "tiny" / ".work").glob("worker-*"))  # row processes clean up after themselves
