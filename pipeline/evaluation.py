@@ -53,7 +53,8 @@ def resolve_tasks(recipe: Recipe) -> tuple[int, dict[str, TaskSpec]]:
             raise RecipeError(f"eval.tasks.{name}.samples", "explicit samples are per task; use limit for the mmlu group")
     if not tasks:
         raise RecipeError("eval.tasks", "no tasks left to evaluate")
-    batch = recipe.eval.batch_size or int(suite.get("batch_size", 8))
+    # vLLM schedules its own batches within its KV-cache memory: auto unless the recipe fixes one
+    batch = recipe.eval.batch_size or ("auto" if recipe.eval.engine == "vllm" else int(suite.get("batch_size", 8)))
     return batch, tasks
 
 

@@ -14,11 +14,11 @@ import os
 import shutil
 import traceback
 from pathlib import Path
+from typing import Protocol
 
 from . import remote_code, store
-from .backends import LoadedModel, backend_for
-from .backends import load as load_model
-from .backends.base import BACKENDS, accepts_target
+from .backends import Backend, LoadedModel, backend_for
+from .backends.base import BACKENDS, DEFAULT_ENGINE, accepts_target
 from .calibration import calibration_fingerprint, load_calibration
 from .errors import QuantpipeError
 from .evaluation import Evaluator
@@ -32,6 +32,16 @@ from .types import Artifact
 
 log = logging.getLogger("quantpipe")
 
+MAX_LENGTH = 4096  # context length of every evaluation (vLLM: eval.vllm.max_model_len may set its own)
+
+
+class Models(Protocol):
+    """Where a step gets its row's loaded model (isolation.ModelSlot, one level up, implements it)."""
+
+    held_before: dict[str, int]  # per device: what the process held before the row's model loaded
+
+    def get(self, row: str, backend: type[Backend]) -> LoadedModel: ...
+
 
 def built(step: Step, who: str) -> Artifact:
     """The artifact a build step stored (verified), for `who` (a row or a step) that needs it."""
@@ -42,7 +52,10 @@ def built(step: Step, who: str) -> Artifact:
 
 
 def _device(loaded: LoadedModel) -> str:
-    """Where the row's evaluation allocates: the GPU for engines on CUDA, else this process's memory."""
+    """Where the row's evaluation allocates: the GPU for engines on CUDA, else this process's memory.
+    vLLM allocates in its engine processes (and, with tensor parallelism, on several GPUs)."""
+    if loaded.engine == "vllm":
+        return "gpu-process-tree"
     model = getattr(loaded.lm, "model", None)
     device = getattr(model, "device", None)
     return str(device) if device is not None and str(device).startswith("cuda") else "cpu"
@@ -54,39 +67,6 @@ def round_ends(n_chunks: int, growth: float) -> list[int]:
     while ends[-1] < n_chunks:
         ends.append(min(n_chunks, max(ends[-1] + 1, math.ceil(ends[-1] * growth))))
     return ends
-
-
-class ModelSlot:
-    """One loaded model at a time: consecutive steps of a row share it."""
-
-    def __init__(self, job: Job):
-        self.job, self.row, self.loaded = job, None, None
-        self.held_before: dict[str, int] = {}  # per device: held before the row's model loaded
-
-    def get(self, row: str) -> LoadedModel:
-        if self.row != row:
-            from .memory import held_bytes
-
-            self.release()
-            self.held_before = {d: held_bytes(d) for d in ("cpu", "cuda")}
-            art = self.job.artifact(row)
-            log.debug("%s: loading %s for evaluation", row, art.path)
-            ev = self.job.evaluator
-            self.loaded = load_model(
-                art,
-                self.job.recipe.model.dtype,
-                ev.batch_size,
-                self.job.recipe.eval.engine,
-                memory_budget=ev.memory_budget_bytes(),
-                target=self.job.target,
-            )
-            if remote_code.allowed():
-                self.loaded.evaluated_as += "; runs the model folder's own code (model.trust_remote_code)"
-            self.row = row
-        return self.loaded
-
-    def release(self) -> None:
-        self.row, self.loaded = None, None
 
 
 class Job:
@@ -114,7 +94,8 @@ class Job:
         self.target = Target()  # where rows are evaluated: resolved by prepare (placement.py)
 
     # -- setup: everything that can fail on bad input fails here, before any work -----------------
-    def prepare(self, evaluation: bool = True) -> None:
+    def prepare(self, evaluation: bool = True, base_key: str | None = None) -> None:
+        """base_key: the driver's key of the base model (a worker process then does not re-hash it)."""
         remote_code.allow(self.recipe.model.trust_remote_code)
         remote_code.guard()
         if self.recipe.offline:
@@ -129,12 +110,14 @@ class Job:
         self.base = Artifact(
             self.base_dir or self.model_path,
             "hf",
-            key=store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype),
+            key=base_key or store.content_key("base", fingerprint(self.model_path), self.recipe.model.dtype),
         )
         if evaluation:
-            for fmt in {self._row_format(r) for r in self.rows()}:  # e.g. vLLM without a GPU: refused now
-                backend_for(fmt, self.recipe.eval.engine).check_available()
             self.target = run_target(self.recipe, self.base_dir)
+            for row in self.rows():  # e.g. vLLM without a GPU: refused now
+                for backend in {self.eval_backend(row), self.kl_backend(row) or self.eval_backend(row)}:
+                    backend.check_available()
+            self.check_kl()
             self.evaluator = Evaluator(self.recipe, self.workdir, self.allow_code, self.data_dir)
 
     def rows(self) -> list[str]:
@@ -148,6 +131,66 @@ class Job:
         for stage in self._stages(row):
             fmt = stage.output_format(fmt)
         return fmt
+
+    # -- which backend runs what ----------------------------------------------------------------
+    def eval_backend(self, row: str) -> type[Backend]:
+        return backend_for(self._row_format(row), self.recipe.eval.engine)
+
+    def kl_backend(self, row: str) -> type[Backend] | None:
+        """The backend that gives the row's next-token distributions: its own, or for an engine
+        that gives none (vLLM) the default engine's for its format (eval.vllm.kl), else None."""
+        own = self.eval_backend(row)
+        if own.gives_logprobs:
+            return own
+        if own.engine == "vllm" and self.recipe.eval.vllm.kl == "none":
+            return None
+        fallback = backend_for(self._row_format(row), DEFAULT_ENGINE)
+        return fallback if fallback.gives_logprobs else None
+
+    def reference_backend(self) -> type[Backend]:
+        """The base's KL reference is always computed on the default engine (never on one that
+        may give no distributions)."""
+        return backend_for("hf", DEFAULT_ENGINE)
+
+    def kl_rows(self) -> list[str]:
+        return [r for r in self.variants if self.kl_backend(r) is not None]
+
+    def step_backend(self, step: Step) -> type[Backend]:
+        if step.kind == "eval":
+            return self.eval_backend(step.row)
+        if step.kind == "kl_reference":
+            return self.reference_backend()
+        return self.kl_backend(step.row)
+
+    def load_args(self, row: str, backend: type[Backend]) -> dict:
+        """Backend.load's arguments for a row's model (the artifact aside)."""
+        ev = self.evaluator
+        # a backend that serves only a row's KL steps (vLLM rows) evaluates nothing: no batch to size
+        batch = ev.batch_size if backend is self.eval_backend(row) else 1
+        args = {"dtype": self.recipe.model.dtype, "batch_size": batch, "max_length": MAX_LENGTH}
+        if batch == "auto" and (budget := ev.memory_budget_bytes()) is not None:  # plug-ins without the keyword keep working
+            args["memory_budget"] = budget
+        if backend.engine == "vllm":
+            args["vllm"] = self.recipe.eval.vllm
+        if accepts_target(backend):  # the run's device (placement.py), for backends whose load takes one
+            args["target"] = self.target
+        return args
+
+    def check_kl(self) -> None:
+        """A recipe that asks for KL where no backend can give it is refused before any work."""
+        gate = self.recipe.gate
+        if gate is not None and gate.max_kl is not None:
+            for row in gate.variants or self.variants:
+                if row in self.variants and self.kl_backend(row) is None:
+                    own = self.eval_backend(row)
+                    why = "eval.vllm.kl is none" if own.engine == "vllm" else f"backend '{own.name}' gives no next-token distributions"
+                    raise QuantpipeError(f"gate.max_kl needs a KL entry for '{row}', which gets none ({why})")
+        ref = self.reference_backend()
+        if self.kl_rows() and not ref.gives_logprobs:
+            raise QuantpipeError(
+                f"rows {', '.join(self.kl_rows())} need the base's KL reference, and the default engine's backend "
+                f"for 'hf' ('{ref.name}') gives no next-token distributions"
+            )
 
     def calibration(self) -> list[str]:
         if self._calibration is None:
@@ -190,20 +233,15 @@ class Job:
             self._plan = plan
             return plan
         ev = self.evaluator
-        kl_ref = None
+        kl_ref, kl_rows = None, self.kl_rows()
         for row in plan.rows:
             art_step = plan.artifact_step(row)
             art_key = art_step.key if art_step else self.base.key
             deps = (art_step.id,) if art_step else ()
-            backend = backend_for(self._row_format(row), self.recipe.eval.engine)
-            # a new torch or llama.cpp re-evaluates; so does another backend for the same format
-            versions = {**store.lib_versions(backend.libraries), "implementation": BACKENDS.identity(backend.name)}
-            if backend.revision:
-                versions = {**versions, "backend_revision": backend.revision}
-            if accepts_target(backend):  # CUDA, or a dtype model.dtype did not give before: other numbers
-                versions = {**versions, **self.target.key(self._row_format(row), self.recipe.model.dtype, self.base_dtype)}
-            if backend.activation_kernel and any(s.quantizes_activations() for s in self._stages(row)):
-                versions = {**versions, "activation_kernel": backend.activation_kernel}  # e.g. FP8 rows evaluated batch-invariantly
+            backend = self.eval_backend(row)
+            versions = self._versions(backend, row)
+            if backend.engine == "vllm":  # its engine arguments change its numbers (and only its rows')
+                versions = {**versions, "vllm": self.recipe.eval.vllm.engine_args()}
             for task in ev.tasks:
                 chunks = self._chunks(task)
                 ends = round_ends(len(chunks), self.recipe.eval.round_growth)
@@ -213,17 +251,20 @@ class Job:
                     rnd = bisect.bisect_right(ends, items[0] // self.recipe.eval.chunk_items) if items else 0
                     key = store.content_key(art_key, settings, versions)
                     plan.add(Step("eval", row, key, path, deps=deps, task=task, items=items, round=rnd))
-            if not backend.gives_logprobs:
-                log.debug("%s: no KL (its backend gives no next-token distributions)", row)
+            if not kl_rows:
                 continue
-            if kl_ref is None:
+            if kl_ref is None:  # after the base's evaluations, on the default engine
                 from . import divergence as dv
 
                 self.kl_texts = dv.corpus(ev.data_dir)
-                ref_key = store.content_key(self.base.key, dv.corpus_key(self.kl_texts), versions)
+                ref_versions = self._versions(self.reference_backend(), "base")
+                ref_key = store.content_key(self.base.key, dv.corpus_key(self.kl_texts), ref_versions)
                 kl_ref = plan.add(Step("kl_reference", "base", ref_key, self.root / "base" / "kl-reference"))
-            if row != "base":
+            if row in kl_rows:
+                versions = self._versions(self.kl_backend(row), row)
                 plan.add(Step("kl", row, store.content_key(art_key, kl_ref.key, versions), self.root / row / "kl", deps=(*deps, kl_ref.id)))
+            elif row != "base":
+                log.debug("%s: no KL (eval.vllm.kl: none)", row)
         self._plan = plan
         return plan
 
@@ -233,6 +274,18 @@ class Job:
         if items is None:
             return self.root / row / "eval" / task
         return self.root / row / "eval-random" / f"seed-{self.recipe.eval.seed}" / task / f"items-{items[0]:06d}-{items[1]:06d}"
+
+    def _versions(self, backend: type[Backend], row: str) -> dict:
+        """What of a backend enters its steps' keys: a new torch or llama.cpp re-evaluates; so does
+        another implementation of the same backend name (a plug-in), or another device or dtype."""
+        versions = {**store.lib_versions(backend.libraries), "implementation": BACKENDS.identity(backend.name)}
+        if backend.revision:
+            versions = {**versions, "backend_revision": backend.revision}
+        if accepts_target(backend):  # CUDA, or a dtype model.dtype did not give before: other numbers
+            versions = {**versions, **self.target.key(self._row_format(row), self.recipe.model.dtype, self.base_dtype)}
+        if backend.activation_kernel and any(s.quantizes_activations() for s in self._stages(row)):
+            versions = {**versions, "activation_kernel": backend.activation_kernel}  # e.g. FP8 rows evaluated batch-invariantly
+        return versions
 
     def _chunks(self, task: str) -> list[tuple[int, int] | None]:
         """[start, end) of each stored chunk of a random-order task; [None] for a first-N task."""
@@ -247,10 +300,12 @@ class Job:
         step = self.plan().artifact_step(row)
         return self.base if step is None else built(step, row)
 
-    def run_step(self, step: Step, models: ModelSlot) -> bool:
+    def run_step(self, step: Step, models: Models) -> bool:
         """Run one step (or reuse its stored result); True when it was reused."""
         if step.kind == "build":
             return self._build(step)
+        if models.isolate:  # vLLM: the row's model steps run in a process of their own
+            return models.run_isolated(step)
         if step.kind == "eval":
             return self._evaluate(step, models)
         if step.kind == "kl_reference":
@@ -281,11 +336,11 @@ class Job:
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 
-    def _evaluate(self, step: Step, models: ModelSlot) -> bool:
+    def _evaluate(self, step: Step, models: Models) -> bool:
         from .memory import peak_memory_bytes
 
         def compute(tmp: Path) -> dict:
-            loaded = models.get(step.row)
+            loaded = models.get(step.row, self.eval_backend(step.row))
             selection = None if step.items is None else self.evaluator.selection(step.task, *step.items)
             with peak_memory_bytes(_device(loaded)) as peak:
                 record, samples = self.evaluator.run(loaded, step.task, selection)
@@ -304,17 +359,17 @@ class Job:
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 
-    def _kl_reference(self, step: Step, models: ModelSlot) -> bool:
+    def _kl_reference(self, step: Step, models: Models) -> bool:
         from . import divergence as dv
 
         def compute(tmp: Path) -> dict:
-            loaded = models.get("base")
+            loaded = models.get("base", self.reference_backend())
             dv.save_reference(dv.base_reference(loaded, loaded.lm.tokenizer, self.kl_texts), tmp / "reference.npz")
             return {"top_k": dv.TOP_K, "sets": sorted(self.kl_texts)}
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 
-    def _kl(self, step: Step, models: ModelSlot) -> bool:
+    def _kl(self, step: Step, models: Models) -> bool:
         from . import divergence as dv
 
         ref = next(s for s in self.plan().steps if s.kind == "kl_reference")
@@ -323,7 +378,10 @@ class Job:
             rec, why = store.verify(ref.path, ref.key)
             if rec is None:
                 raise QuantpipeError(f"the base's KL reference at {ref.path} is not computed ({why})")
-            return {"top_k": dv.TOP_K, "sets": dv.compare(models.get(step.row), dv.load_reference(rec.path / "reference.npz"))}
+            return {
+                "top_k": dv.TOP_K,
+                "sets": dv.compare(models.get(step.row, self.kl_backend(step.row)), dv.load_reference(rec.path / "reference.npz")),
+            }
 
         return store.cached(step.path, step.key, compute, step.id)[1]
 

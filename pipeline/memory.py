@@ -7,6 +7,10 @@ start" and hide growth, so the block starts after gc and malloc_trim. Where clea
 writable, a thread samples VmRSS every 2 ms (short spikes can be missed); without /proc at all,
 ru_maxrss (the lifetime peak) is reported, an upper bound.
 GPU: torch.cuda's allocator statistics (max_memory_allocated), reset at the start of the block.
+GPU, another engine's processes (device "gpu-process-tree", vLLM): the GPU memory NVML reports
+for this process and every process it started, summed over the GPUs, read when the block ends.
+vLLM reserves its share of each GPU (weights, activations, KV cache) when the engine starts and
+keeps it until the engine ends, so that reading is the block's peak.
 
 Blocks may nest: an inner block's reset would erase the outer's high-water mark, so the mark is
 folded into every enclosing block before each reset.
@@ -84,6 +88,13 @@ def peak_memory_bytes(device: str = "cpu"):
     during the block (m.grown_bytes: above what was resident when it began). device="cuda":
     peak bytes allocated by torch on the current GPU instead."""
     m = PeakMemory(device)
+    if device == "gpu-process-tree":
+        try:
+            yield m
+        finally:
+            per_gpu = process_tree_gpu_bytes()
+            m.bytes = sum(per_gpu.values()) if per_gpu else 0
+        return
     if device.startswith("cuda"):
         import torch
 
@@ -154,3 +165,55 @@ def held_bytes(device: str = "cpu") -> int:
         return torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
     _trim_heap()
     return resident_bytes()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process `pid` started, and theirs, now (Linux /proc; empty elsewhere)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = {int(c) for c in (task / "children").read_text().split()}
+            except OSError:  # the process ended meanwhile
+                continue
+            todo += kids - out
+            out |= kids
+    return out
+
+
+def gpu_bytes_by_pid(pids: set[int], used: dict[int, list[tuple[int, int | None]]]) -> dict[int, int]:
+    """GPU index -> bytes held by `pids`, from NVML's per-GPU (pid, used bytes) lists."""
+    out = {}
+    for gpu, procs in used.items():
+        held = sum(b or 0 for p, b in procs if p in pids)
+        if held:
+            out[gpu] = held
+    return out
+
+
+def _nvml_used() -> dict[int, list[tuple[int, int | None]]]:
+    import pynvml  # nvidia-ml-py: installed with vLLM (and torch's CUDA builds)
+
+    pynvml.nvmlInit()
+    try:
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            out[i] = [(p.pid, p.usedGpuMemory) for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)]
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def process_tree_gpu_bytes(pid: int | None = None) -> dict[int, int] | None:
+    """GPU index -> bytes held by this process and its descendants (None: NVML unavailable).
+    In a container NVML may report host pids; then nothing matches and the result is empty."""
+    import os
+
+    pid = pid or os.getpid()
+    try:
+        used = _nvml_used()
+    except Exception:  # noqa: BLE001 - no NVML library or no driver: no GPU figure
+        return None
+    return gpu_bytes_by_pid({pid} | descendants(pid), used)

@@ -51,6 +51,57 @@ class TaskSpec(Strict):
     max_gen_toks: int | None = Field(None, gt=0)
 
 
+# vLLM's kv_cache_dtype values (vllm.config.CacheDType); a TurboQuant row's own preset comes from its stage
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla")
+# lm-eval VLLM arguments quantpipe sets itself (the artifact, the recipe's dtype, seeds, batch size)
+VLLM_RESERVED = {"pretrained", "dtype", "batch_size", "seed", "max_length", "trust_remote_code", "revision", "tokenizer", "device"}
+
+
+class VLLMSpec(Strict):
+    """`eval.vllm`: lm-eval's VLLM arguments for rows evaluated on vLLM (eval.engine: vllm)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=256, description="GPUs one engine's weights are split across")
+    pipeline_parallel_size: int = Field(1, ge=1, le=256, description="pipeline stages of one engine (GPUs = TP x PP)")
+    data_parallel_size: int = Field(1, ge=1, le=256, description="engine replicas, each TP x PP GPUs (lm-eval then batches auto)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of each GPU vLLM reserves (weights + KV cache)")
+    max_model_len: int | None = Field(None, ge=16, le=1 << 22, description="context length; default: the evaluation's (4096)")
+    max_num_seqs: int | None = Field(None, ge=1, le=1 << 20, description="sequences per scheduler step; default: vLLM's")
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = Field("auto", description="KV cache storage (a TurboQuant row's preset wins for it)")
+    enable_prefix_caching: bool | None = Field(None, description="default: vLLM's (on)")
+    kl: Literal["default_engine", "none"] = Field(
+        "default_engine",
+        description="vLLM rows' KL entry: default_engine: computed by the default engine's backend for the row's format "
+        "(vLLM gives no full distributions); none: no KL for vLLM rows",
+    )
+    extra: dict[str, Any] = Field(default_factory=dict, description="any other lm-eval VLLM / vllm.LLM keyword argument")
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        for k, x in v.items():
+            if not re.fullmatch(r"[a-z_][a-z0-9_]*", k):
+                raise ValueError(f"{k!r} is not a keyword argument name")
+            if k in cls.model_fields:
+                raise ValueError(f"{k}: set it as eval.vllm.{k}, not under extra")
+            if k in VLLM_RESERVED:
+                raise ValueError(f"{k}: quantpipe sets it (from the artifact and the recipe)")
+            try:
+                json.dumps(x, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{k}: not a plain YAML value ({e})") from e
+        return v
+
+    def gpus(self) -> int:
+        """GPUs one row's evaluation holds, all on one node."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.data_parallel_size
+
+    def engine_args(self) -> dict[str, Any]:
+        """What enters a vLLM row's result keys: every engine argument (kl only routes the KL steps)."""
+        return self.model_dump(mode="json", exclude={"kl"})
+
+
 class EvalSpec(Strict):
     suite: str = Field("full", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="a suite name under evals/suites")
     batch_size: int | Literal["auto"] | None = Field(
@@ -78,6 +129,7 @@ class EvalSpec(Strict):
     max_memory: dict[Annotated[int, Field(ge=0)], Annotated[float, Field(gt=0)]] | None = Field(
         None, description="on CUDA: GiB each GPU (by index) may hold of a row's weights, e.g. {0: 70, 1: 70}; default: accelerate's"
     )
+    vllm: VLLMSpec = Field(default_factory=VLLMSpec, description="engine arguments of rows evaluated on vLLM")
     tasks: dict[str, TaskSpec | None] = Field(default_factory=dict)
     order: Literal["first_n", "random"] = Field(
         "first_n",
@@ -114,6 +166,9 @@ class EvalSpec(Strict):
             raise ValueError("memory_budget_gib applies only to batch_size: auto")
         if self.max_memory and self.device == "cpu":
             raise ValueError("max_memory caps GPU memory; it does not apply with device: cpu")
+        if self.vllm.data_parallel_size > 1 and self.batch_size not in (None, "auto"):
+            # lm-eval's VLLM switches to auto batching with data parallelism: the key would name a batch never used
+            raise ValueError("vllm.data_parallel_size > 1 batches automatically; set batch_size: auto or leave it out")
         return self
 
 

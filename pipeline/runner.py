@@ -22,7 +22,8 @@ from pathlib import Path
 
 from .benchmarks import COLUMNS
 from .errors import QuantpipeError
-from .job import Job, ModelSlot, Progress
+from .isolation import ModelSlot
+from .job import Job, Progress
 from .plan import Plan, Step
 from .store import clean_stale_tmp, run_lock
 

@@ -232,7 +232,8 @@ def test_another_activation_kernel_recomputes_the_fp8_row_and_reuses_the_rest(ti
     from test_pipeline import write_recipe
 
     from pipeline.backends.hf import TransformersBackend
-    from pipeline.job import Job, ModelSlot
+    from pipeline.isolation import ModelSlot
+    from pipeline.job import Job
     from pipeline.recipe import load_recipe
 
     variants = {"fp8": [{"stage": "fp8"}], "gptq": [{"stage": "gptq"}]}
