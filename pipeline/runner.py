@@ -23,8 +23,9 @@ from pathlib import Path
 from .benchmarks import COLUMNS
 from .errors import QuantpipeError
 from .isolation import ModelSlot
-from .job import Job, Progress
+from .job import Job
 from .plan import Plan, Step
+from .progress import Progress
 from .store import clean_stale_tmp, run_lock
 
 log = logging.getLogger("quantpipe")
