@@ -62,7 +62,8 @@ class Agreement:
     @classmethod
     def of(cls, got: list[tuple[float, bool]], want: list[tuple[float, bool]], tokens: list[int], dtype: torch.dtype) -> Agreement:
         diffs = [abs(a - b) for (a, _), (b, _) in zip(got, want)]
-        shares = [d / tolerance(b, n, dtype) for d, (b, _), n in zip(diffs, want, tokens)]
+        tols = [tolerance(b, n, dtype) for (b, _), n in zip(want, tokens)]
+        shares = [d / t if t else float("inf") if d else 0.0 for d, t in zip(diffs, tols)]
         greedy = sum(ga != gb for (_, ga), (_, gb) in zip(got, want))
         return cls(len(want), max(shares, default=0.0), max(diffs, default=0.0), greedy)
 
