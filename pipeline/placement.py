@@ -142,6 +142,11 @@ class Target:
         return key_fields(self.device, fmt, recipe_dtype, ckpt_dtype)
 
 
+# Transformers rows below float32 share prefixes under backends/low_precision.py's contract (they
+# ran stock batches before); a new contract gets a new tag.
+SHARED_BELOW_FLOAT32 = "shared-prefixes-within-2eps-of-stock-bs1"
+
+
 def key_fields(device: Device, fmt: str, recipe_dtype: str, ckpt_dtype: str | None) -> dict:
     """What enters a row's result keys: nothing where a row computes what it computed before
     placement existed (CPU, and the dtype `model.dtype` gave then), else the device and dtype."""
@@ -150,7 +155,10 @@ def key_fields(device: Device, fmt: str, recipe_dtype: str, ckpt_dtype: str | No
         return {"device": "cuda", "dtype": dtype}
     legacy = recipe_dtype if fmt == "hf" else "auto"  # auto then meant the checkpoint's own dtype on CPU too
     same = dtype == legacy or (legacy == "auto" and dtype == ckpt_dtype)
-    return {} if same else {"dtype": dtype}
+    out = {} if same else {"dtype": dtype}
+    if fmt in ("hf", "compressed-tensors") and (ckpt_dtype if dtype == "auto" else dtype) in ("bfloat16", "float16"):
+        out["loglikelihoods"] = SHARED_BELOW_FLOAT32  # these rows ran stock batches before: other numbers now
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,16 @@ from pipeline.backends.base import accepts_target
 from pipeline.backends.hf import GPTQModelBackend, TransformersBackend
 from pipeline.backends.llamacpp import LlamaCppBackend, offload
 from pipeline.errors import QuantpipeError, RecipeError
-from pipeline.placement import Placement, Target, check_host_memory, checkpoint_dtype, key_fields, resolve_device, resolve_placement
+from pipeline.placement import (
+    SHARED_BELOW_FLOAT32,
+    Placement,
+    Target,
+    check_host_memory,
+    checkpoint_dtype,
+    key_fields,
+    resolve_device,
+    resolve_placement,
+)
 from pipeline.recipe import parse_recipe
 from pipeline.types import Artifact
 
@@ -63,8 +72,12 @@ def test_on_cpu_float32_stays_the_default_and_quantized_formats_load_as_stored()
 
 def test_result_keys_change_only_where_the_numbers_do():
     assert key_fields("cpu", "hf", "auto", "float32") == {}  # as before placement existed
-    assert key_fields("cpu", "hf", "bfloat16", "bfloat16") == {}
-    assert key_fields("cpu", "compressed-tensors", "auto", "bfloat16") == {}
+    # transformers rows below float32 now share prefixes (backends/low_precision.py): other numbers
+    shared = {"loglikelihoods": SHARED_BELOW_FLOAT32}
+    assert key_fields("cpu", "hf", "bfloat16", "bfloat16") == shared
+    assert key_fields("cpu", "compressed-tensors", "auto", "bfloat16") == shared
+    assert key_fields("cpu", "compressed-tensors", "auto", "float32") == {}
+    assert key_fields("cpu", "gptq", "auto", "bfloat16") == {}  # GPTQModel rows keep stock batches
     assert key_fields("cpu", "hf", "auto", "bfloat16") == {"dtype": "float32"}  # auto meant bfloat16 here before
     assert key_fields("cuda", "hf", "auto", "bfloat16") == {"device": "cuda", "dtype": "bfloat16"}
     assert key_fields("cuda", "gptq", "auto", "bfloat16") == {"device": "cuda", "dtype": "auto"}

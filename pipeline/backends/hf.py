@@ -121,8 +121,9 @@ def _lm(
     device: str = "cpu",
 ):
     """lm-eval's HF model around a loaded torch model: stock batches for rows whose KV cache a
-    runtime patch owns (TurboQuant), whose activation quantization is batch-dependent
-    (share=False) or that run below float32, prefix-sharing otherwise."""
+    runtime patch owns (TurboQuant) or whose activation quantization is batch-dependent
+    (share=False), prefix-sharing otherwise; below float32 only where the model meets the
+    contract of low_precision.py at load (its `sharing_note` says which)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -132,9 +133,8 @@ def _lm(
     torch.manual_seed(SEEDS["torch_random_seed"])
     limit = getattr(model.config, "max_position_embeddings", max_length) or max_length
     # Stock lm-eval batches (no prefix sharing) where a runtime patch owns the KV cache (TurboQuant:
-    # its cache cannot be reused) or below float32 (GPTQModel's kernels run in bfloat16: another
-    # summation order moves scores by 1/8 nat); every path applies the LM head only where log-probs are read.
-    share = share and not art.meta.get("runtime_patches") and model.dtype == torch.float32
+    # its cache cannot be reused); every path applies the LM head only where log-probs are read.
+    share = share and not art.meta.get("runtime_patches")
     return PrefixCachingHFLM(
         pretrained=model,
         tokenizer=tokenizer,
@@ -197,6 +197,7 @@ class TransformersBackend(_TorchBackend):
             notes.append(batch_invariant.install(model) if share else f"stock batches ({why})")
         how = "; ".join([how, *notes, *apply_runtime_patches(model, art.meta)])
         lm = _lm(model, art, batch_size, max_length, memory_budget, share, placement.device)
+        how = "; ".join([how, *([lm.sharing_note] if lm.sharing_note else [])])  # below float32: shared or not, and why
         return _loaded(lm, how, self, model, batch_size, memory_budget)
 
 
@@ -215,8 +216,13 @@ class GPTQModelBackend(_TorchBackend):
         memory_budget: int | None = None,
         target: Target | None = None,
     ) -> LoadedModel:
+        import torch
+
         placement = placement_for(art, dtype, target)
         model, how = _load_gptqmodel(art, placement)
         how = "; ".join([how, *apply_runtime_patches(model, art.meta)])
-        lm = _lm(model, art, batch_size, max_length, memory_budget, device=placement.device)
+        # stock batches below float32: the low-precision contract of shared prefixes has not been
+        # measured on GPTQModel's bfloat16 kernels (scores were 1/8 nat off stock's batch size 3)
+        share = model.dtype == torch.float32
+        lm = _lm(model, art, batch_size, max_length, memory_budget, share, placement.device)
         return _loaded(lm, how, self, model, batch_size, memory_budget)

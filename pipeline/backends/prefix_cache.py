@@ -41,6 +41,7 @@ from .attention import full_attention_only, use_sdpa_gqa
 from .auto_batch import auto_batch_size
 from .generation_cache import RowsSettled, append_cache
 from .lm_head import check_head, head_inputs, head_logprobs
+from .low_precision import LOW_PRECISION, Agreement, below_float32, check_requests, stock_bs1
 from .prefix_groups import MIN_SHARED, PACKED_SUFFIXES, PackedCounts, PackingCost, SuffixTrie, group_batches, plan_groups
 
 # Attention implementations that take packed suffixes: sdpa through the custom mask; the
@@ -71,8 +72,14 @@ class PrefixCachingHFLM(HFLM):
         # (not with sliding-window layers: the custom mask would replace their window mask, and the
         # load check's few tokens stay inside any real window)
         attn = getattr(self.model.config, "_attn_implementation", None)
-        if self.prefix_caching and attn in PACKABLE and full_attention_only(self.model):
+        packable = self.prefix_caching and attn in PACKABLE and full_attention_only(self.model)
+        if packable:
             self._cost = PackingCost.of(self.model)
+        # below float32: shared only where the contract of low_precision.py holds at load
+        self.sharing_note: str | None = None  # for "evaluated as"
+        if self.prefix_caching and below_float32(self.model):
+            self.prefix_caching, self.packing, self.sharing_note = self._low_precision_check(packable)
+        elif packable:
             try:
                 self.packing = self._packing_works()
             except Exception:  # noqa: BLE001 - a model that refuses position_ids or a 4D mask: keep padded batches
@@ -142,7 +149,7 @@ class PrefixCachingHFLM(HFLM):
                         cont = requests[j][2]
                         reads.append((r, len(seqs[i]) - prefix_len - first - len(cont), cont))
                         owners.append(j)
-                for j, answer in zip(owners, self._read(hidden, reads)):
+                for j, answer in zip(owners, self._read(hidden, reads, self._shared_softmax)):
                     res[j] = answer
         for (request_str, _, _), answer in zip(requests, res):
             if request_str is not None:
@@ -175,15 +182,24 @@ class PrefixCachingHFLM(HFLM):
             with torch.no_grad(), self._autocast(), head_inputs(self.model) as seen:
                 kw = {"logits_to_keep": width - first} if self.keeps_positions else {}
                 self.model(ids.to(self.device), use_cache=False, **kw)
-            for req_str, answer in zip(strs, self._read(seen[0], [(r, p - first, c) for r, p, c in reads])):
+            for req_str, answer in zip(strs, self._read(seen[0], [(r, p - first, c) for r, p, c in reads], self.softmax_dtype)):
                 res.append(answer)
                 if req_str is not None:
                     self.cache_hook.add_partial("loglikelihood", req_str, answer)
         return re_ord.get_original(res)
 
-    def _read(self, hidden: torch.Tensor, reads: list[tuple[int, int, list[int]]]) -> list[tuple[float, bool]]:
+    @property
+    def _shared_softmax(self) -> torch.dtype:
+        """The shared path's log-softmax dtype: float32 at least (below float32 the log-probs and
+        their sums are not rounded to the model's dtype, as stock's are; low_precision.py)."""
+        return self.softmax_dtype or torch.float32
+
+    def _read(self, hidden: torch.Tensor, reads: list[tuple[int, int, list[int]]], dtype: torch.dtype | None) -> list[tuple[float, bool]]:
         """(sum of continuation log-probs, greedy) per read (row of hidden, offset of the first position
-        read, continuation tokens), as stock computes them; the LM head runs once per distinct position."""
+        read, continuation tokens), as stock computes them, the log-softmax in `dtype` (None: the
+        logits'); the LM head runs once per distinct position. Greedy is decided as stock decides it,
+        on log-probs in stock's dtype: below float32 stock's rounding ties close tokens, and argmax
+        then takes the first (measured: 2 of 34 greedy flags differed when decided in float32)."""
         index: dict[tuple[int, int], int] = {}  # (row, position) -> row of `at`
         pos, tok, spans = [], [], []
         for r, off, cont in reads:
@@ -195,11 +211,12 @@ class PrefixCachingHFLM(HFLM):
         at = torch.tensor(list(index))
         pos, tok = torch.tensor(pos), torch.tensor(tok)
         vals, greedy = None, torch.empty(len(index), dtype=torch.long)
+        stock_dtype = self.softmax_dtype or self.mixed_precision_dtype or hidden.dtype  # that of stock's log_softmax
         with torch.no_grad(), self._autocast():
-            for a, logp in head_logprobs(self.model, hidden[at[:, 0], at[:, 1]], dtype=self.softmax_dtype):
+            for a, logp in head_logprobs(self.model, hidden[at[:, 0], at[:, 1]], dtype=dtype):
                 # summed on the model's device, as stock sums: CUDA adds in another order than the CPU (1 ulp)
                 vals = torch.empty(len(pos), dtype=logp.dtype, device=logp.device) if vals is None else vals
-                greedy[a : a + len(logp)] = logp.argmax(-1).cpu()
+                greedy[a : a + len(logp)] = logp.to(stock_dtype).argmax(-1).cpu()
                 sel = (pos >= a) & (pos < a + len(logp))
                 vals[sel.to(logp.device)] = logp[(pos[sel] - a).to(logp.device), tok[sel].to(logp.device)]
         return [(float(vals[a:b].sum()), bool((greedy[pos[a:b]] == tok[a:b]).all())) for a, b in spans]
@@ -280,3 +297,31 @@ class PrefixCachingHFLM(HFLM):
             return torch.equal(packed, padded)
         scale = float(padded.abs().max())
         return bool(torch.allclose(packed, padded, rtol=1e-4, atol=1e-5 * scale))
+
+    def _shared_logliks(self, seqs: list[tuple], conts: list[list[int]], prefix_len: int, pack: bool) -> list[tuple[float, bool]]:
+        """What `_loglikelihood_tokens` returns for these inputs run as one group after prefix_len tokens."""
+        cache = self._prefix_cache(seqs[0][:prefix_len])
+        starts = [len(s) - len(c) for s, c in zip(seqs, conts)]
+        hidden, first = self._suffix_hidden(seqs, starts, prefix_len, cache, pack)
+        reads = [(r, len(s) - prefix_len - first - len(c), c) for r, (s, c) in enumerate(zip(seqs, conts))]
+        return self._read(hidden, reads, self._shared_softmax)
+
+    def _low_precision_check(self, packable: bool) -> tuple[bool, bool, str]:
+        """(share, pack, note): whether this model's shared-prefix scores meet low_precision.py's
+        contract against stock at batch size 1, padded and packed, on the check's requests."""
+        name = LOW_PRECISION[self.model.dtype]
+        prefix_len = max(self.min_shared, 48)
+        seqs, conts = check_requests(self.model, prefix_len)
+        want = stock_bs1(self.model, seqs, conts, self.softmax_dtype)
+        tokens = [len(c) for c in conts]
+        padded = Agreement.of(self._shared_logliks(seqs, conts, prefix_len, pack=False), want, tokens, self.model.dtype)
+        if not padded.holds:
+            return False, False, f"stock batches ({name} shared prefixes missed the tolerance at load: {padded.describe()})"
+        packing = False
+        if packable:
+            try:
+                packing = Agreement.of(self._shared_logliks(seqs, conts, prefix_len, pack=True), want, tokens, self.model.dtype).holds
+            except Exception:  # noqa: BLE001 - a model that refuses position_ids or a 4D mask: keep padded batches
+                packing = False
+        how = "packed and padded" if packing else "padded"
+        return True, packing, f"shared prefixes in {name} ({how}; within tolerance of stock at batch size 1, checked at load)"
