@@ -7,6 +7,8 @@ simulation can detect an invalid procedure.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -293,14 +295,49 @@ def test_decide_family_mixed_checks():
     assert "Holm" in out["gsm8k"].reason
 
 
-def test_family_uses_the_anytime_p_values_and_holm():
-    rng = np.random.default_rng(19)
+def p_pass_by_hand(d, margin, alpha_bets, looks) -> float:
+    """A second implementation, item by item from the paper, of the anytime p-value for H0: mean drop >= margin:
+    the one-sided PrPl-H capital process of Waudby-Smith & Ramdas (JRSS-B 2024, Thm 3) on x = (d + 1) / 2 at
+    m = (margin + 1) / 2, bets sqrt(2 log(1/a) / (sigma2_{t-1} t log(1 + t))) truncated at 1/2 / (1 - m), mean and
+    variance regularised by one fake observation (1/2, 1/4); p = 1 / the largest capital seen at a look (at most 1)."""
+    m = (margin + 1) / 2
+    looks = {t for t in looks if t <= len(d)} | {len(d)}
+    total = dev = log_capital = best = 0.0
+    sigma2 = 0.25
+    for t, v in enumerate(d, start=1):
+        x = (v + 1) / 2
+        bet = min(math.sqrt(2 * math.log(1 / alpha_bets) / (sigma2 * t * math.log1p(t))), 0.5 / (1 - m))
+        log_capital += math.log1p(bet * (m - x))
+        if t in looks:
+            best = max(best, log_capital)
+        total += x
+        dev += (x - (0.5 + total) / (t + 1)) ** 2
+        sigma2 = (0.25 + dev) / (t + 1)
+    return math.exp(-best)
+
+
+def holm_by_hand(p, alpha) -> list[bool]:
+    """Holm (1979): the j-th smallest p-value (j from 0) is rejected while every one so far is <= alpha / (k - j)."""
+    rejected = [False] * len(p)
+    for j, i in enumerate(sorted(range(len(p)), key=lambda i: p[i])):
+        if p[i] > alpha / (len(p) - j):
+            break
+        rejected[i] = True
+    return rejected
+
+
+# seed 101: p = 0.0011, 0.0183, 0.52: Holm's second step (0.0183 <= alpha/2) passes a check that Bonferroni
+# (alpha/3 = 0.0167) would not; seed 25: p = 0.0001, 0.0486, 0.037: uncorrected, all three would pass
+@pytest.mark.parametrize("seed,statuses", [(101, ["pass", "pass", "undecided"]), (25, ["pass", "undecided", "undecided"])])
+def test_family_uses_the_anytime_p_values_and_holm(seed, statuses):
+    rng = np.random.default_rng(seed)
     ds = [binary_drops(rng, 1, 3000, drop)[0] for drop in (0.0, 0.005, 0.01)]
     looks = sq.geometric_looks(100, 3000)
     out = sq.decide_family({str(i): sq.DropCheck(d, MARGIN, looks) for i, d in enumerate(ds)}, ALPHA)
-    p = np.array([sq.anytime_p_values(d, MARGIN, ALPHA / 3, -1.0, 1.0, looks)[0] for d in ds])
-    assert np.allclose([out[str(i)].p_pass for i in range(3)], p)
-    assert [out[str(i)].status == "pass" for i in range(3)] == sq.holm(p, ALPHA).tolist()
+    p = [p_pass_by_hand(d, MARGIN, ALPHA / 3, looks) for d in ds]  # bets tuned at the Bonferroni level
+    assert [out[str(i)].p_pass for i in range(3)] == pytest.approx(p, rel=1e-9)
+    assert [out[str(i)].status == "pass" for i in range(3)] == holm_by_hand(p, ALPHA)
+    assert [out[str(i)].status for i in range(3)] == statuses
 
 
 def test_recovery_ratio_interval_contains_estimate():
