@@ -19,6 +19,8 @@ MARGIN = 0.03
 RUNS = 2000
 BUDGET = 6400
 LOOKS = sq.geometric_looks(50, BUDGET)  # 50, 100, 200, ..., 6400
+# Thousands of simulated runs each (1-5 s): out of the `-m "not slow"` loop, in the full suite.
+SIMULATION = pytest.mark.slow
 
 
 def binary_drops(rng, runs, n, drop, discord=0.15):
@@ -68,6 +70,7 @@ def drop_gate(d, looks=LOOKS, method="betting"):
 # --------------------------------------------------------------------------------------------
 
 
+@SIMULATION
 @pytest.mark.parametrize("method", ["betting", "eb", "agrapa"])
 def test_false_pass_at_margin_binary(method):
     d = binary_drops(np.random.default_rng(1), RUNS, BUDGET, drop=MARGIN)
@@ -78,6 +81,7 @@ def test_false_pass_at_margin_binary(method):
     assert naive_peeking_pass_rate(d, LOOKS, MARGIN) > 0.08
 
 
+@SIMULATION
 def test_false_pass_at_margin_continuous():
     d = mc2_drops(np.random.default_rng(2), RUNS, BUDGET, drop=MARGIN)
     r = drop_gate(d)
@@ -95,6 +99,7 @@ def test_false_pass_looks_after_every_item():
     assert naive_peeking_pass_rate(d, range(2, 1001), 0.10) > 0.2
 
 
+@SIMULATION
 @pytest.mark.parametrize("gen", [binary_drops, mc2_drops])
 def test_false_fail_when_lossless(gen):
     d = gen(np.random.default_rng(4), RUNS, BUDGET, drop=0.0)
@@ -113,6 +118,7 @@ def test_straddle_rule_passes_worse_variants():
     assert drop_gate(d, sq.geometric_looks(50, 800)).pass_rate <= 0.01
 
 
+@SIMULATION
 def test_recovery_false_pass_at_ratio():
     r_min = 0.95
     base, var = binary_pairs(np.random.default_rng(6), RUNS, BUDGET, 0.6, drop=0.6 * (1 - r_min))
@@ -125,6 +131,7 @@ def test_recovery_false_pass_at_ratio():
     assert ok.pass_rate > 0.8
 
 
+@SIMULATION
 def test_family_wise_error_four_checks_at_margin():
     """k = 4 checks all at their margin; Holm over anytime p-values (the last look's running
     minimum, which bounds every earlier look's Holm rejections). Any false pass in the family
@@ -152,6 +159,7 @@ def test_family_wise_error_four_checks_at_margin():
 # --------------------------------------------------------------------------------------------
 
 
+@SIMULATION
 def test_decides_within_budget():
     budget = 12_800
     looks = sq.geometric_looks(50, budget)
@@ -169,6 +177,7 @@ def test_decides_within_budget():
 # --------------------------------------------------------------------------------------------
 
 
+@SIMULATION
 @pytest.mark.parametrize("method", ["betting", "eb", "agrapa"])
 def test_cs_covers_true_mean_at_all_times(method):
     # Beta(2, 5) on [0, 1], mean 2/7, every item a look: mu leaves the CS at some t iff one of
