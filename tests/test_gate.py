@@ -39,8 +39,8 @@ def make_run(root: Path, base: list[float], variants: dict[str, list[float]], ta
     return root
 
 
-def gate(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "gate", *map(str, args)], capture_output=True, text=True)
+def gate(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "gate", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 BASE = [1] * 120 + [0] * 80  # 60% on 200 items
@@ -178,7 +178,7 @@ def test_min_recovery_and_max_kl(tmp_path):
 
 
 def test_gate_reads_the_run_of_a_recipe_under_artifacts(tmp_path):
-    run = make_run(tmp_path / "elsewhere" / "t", BASE, {"v": list(BASE)})
+    make_run(tmp_path / "elsewhere" / "t", BASE, {"v": list(BASE)})
     recipe = tmp_path / "t.yaml"
     recipe.write_text(
         yaml.safe_dump({"name": "t", "model": {"id": "a/b"}, "variants": {"v": [{"stage": "fp8"}]}, "gate": {"max_drop": {"default": 5}}})
@@ -186,14 +186,14 @@ def test_gate_reads_the_run_of_a_recipe_under_artifacts(tmp_path):
     r = gate(recipe, "--artifacts", tmp_path / "elsewhere")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "v / GSM8K" in r.stdout
-    assert gate(recipe).returncode == 2  # ./artifacts has no such run
-    assert run.is_dir()
+    # without --artifacts it reads ./artifacts/<recipe name>: none there, one line naming it
+    r = gate(recipe, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr == "quantpipe: error: artifacts/t holds no run (no plan.json); run `quantpipe run` first\n", r.stderr
 
 
 def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
-    from pipeline import sequential as sq
-    from pipeline.planning import plan_report
     from pipeline.gate import GateConfig
+    from pipeline.planning import plan_report
 
     closer = [0] * 6 + BASE[6:]  # a 3-point drop against a 5-point margin: harder to decide than no drop
     over = [0] * 20 + BASE[20:]  # a 10-point drop: sized to fail, as a drop under the margin is sized to pass
@@ -206,7 +206,8 @@ def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
         if line.startswith(("| closer ", "| noisy ", "| over ", "| same "))
     }
     assert set(rows) == {"closer", "noisy", "over", "same"}
-    assert rows["same"][4] == "0.122" and int(rows["same"][5]) == sq.fixed_n_items((3 / 200) ** 0.5, 0.05, 0.05, 0.9) > 1
+    # the fixed-n design ((z_0.95 + z_0.9) sd / margin)^2 = ((1.6449 + 1.2816) * 0.1225 / 0.05)^2 = 51.4: 52 items
+    assert rows["same"][4] == "0.122" and int(rows["same"][5]) == 52
     assert rows["over"][3] == "+10.00" and 0 < int(rows["over"][5]) < int(rows["closer"][5])
     assert rows["closer"][0] == "GSM8K" and rows["closer"][2] == "200" and rows["closer"][3] == "+3.00"
     fixed = {k: int(v[5]) for k, v in rows.items()}
