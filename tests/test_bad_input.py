@@ -61,6 +61,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         assert needle in out.stderr and "Traceback" not in out.stderr, (needle, out.stderr)
 
 
+@pytest.mark.slow  # a whole run: the fp8 stage and the smoke suite's evaluations
 def test_empty_calibration_set_fails_only_that_variant(tmp_path, tiny_model, data_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -167,13 +168,11 @@ def test_garbled_data_and_garbage_weights_are_named_before_any_work(tmp_path, ti
     assert out.returncode == 2 and "not a readable safetensors file" in out.stderr and "Traceback" not in out.stderr, out.stderr[-800:]
 
 
-def test_suite_that_is_not_a_mapping_is_refused(tmp_path):
-    from pipeline.recipe import EVALS_DIR, load_suite
+def test_suite_that_is_not_a_mapping_is_refused(tmp_path, monkeypatch):
+    from pipeline import recipe
 
-    bad = EVALS_DIR / "suites" / "zz-test-list-suite.yaml"
-    bad.write_text("- mmlu\n- gsm8k\n")
-    try:
-        with pytest.raises(QuantpipeError, match="is not a suite"):
-            load_suite("zz-test-list-suite")
-    finally:
-        bad.unlink()
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "list-suite.yaml").write_text("- mmlu\n- gsm8k\n")
+    monkeypatch.setattr(recipe, "EVALS_DIR", tmp_path)  # suites are read from EVALS_DIR/suites: a scratch one, not the repository's
+    with pytest.raises(QuantpipeError, match="list-suite.yaml is not a suite"):
+        recipe.load_suite("list-suite")
