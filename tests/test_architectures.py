@@ -220,6 +220,7 @@ def test_sliding_window_layers_see_only_their_window(family, tok):
     assert tq.generate_until(gen) == stock.generate_until(gen)
 
 
+@pytest.mark.slow  # a 128k-vocabulary model through stock HFLM and ours: GB of logits
 def test_logits_memory_is_bounded_at_a_128k_vocabulary(tok):
     """Llama-3's 128,256-token vocabulary, batch 4, 250-token inputs whose last 100 tokens are read
     (a rolling window): stock HFLM's peak grows by its [batch, length, vocab] logits and their
@@ -285,6 +286,7 @@ def test_turboquant_kv_is_refused_for_recurrent_layers():
         apply_kv_cache(model, KVConfig().__dict__)
 
 
+@pytest.mark.slow  # runs the turboquant stage
 @pytest.mark.parametrize("stage,params", [("turboquant", {"preset": "turboquant_k3v4_nc"})])
 def test_loaded_rows_with_stock_batches_score_as_stock_hflm(stage, params, tiny_model, tok, tmp_path):
     """load_for_eval gives TurboQuant KV rows PrefixCachingHFLM without prefix sharing; their
