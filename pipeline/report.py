@@ -224,7 +224,9 @@ def write_report(root: Path, gate_cfg=None) -> Path:
 
         verdict = evaluate_gate(t, gate_cfg)
         verdict_lines = summary(verdict).split("\n")
-    version = root / ".reports" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    # to the nanosecond: one process may write two reports in a second (a run's rounds, in-process tests)
+    now = time.time_ns()
+    version = root / ".reports" / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now // 10**9))}.{now % 10**9:09d}-{os.getpid()}"
     version.mkdir(parents=True)
     (version / "degradation.md").write_text(f"# {t.recipe}: quality degradation\n\n" + to_markdown(t, "methods", verdict_lines))
     (version / "degradation-section7.md").write_text(
