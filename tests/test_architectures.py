@@ -85,6 +85,8 @@ def config(family: str, vocab: int = 1024, window: int = WINDOW, **sizes):
 
 
 FAMILIES = ["llama3", "qwen2", "gemma3", "mistral", "phi3"]
+# Stock HFLM (lm-eval's evaluator) against ours, per family: 4-30 s each, out of the `-m "not slow"` loop.
+EVALUATES = pytest.mark.slow
 LLAMA3_VOCAB = 128256
 
 
@@ -144,6 +146,7 @@ def assert_close(got, want):
         assert lp == pytest.approx(lp0, abs=1e-4) and greedy == greedy0
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loglikelihoods_match_stock_hflm(family, tok):
     """Prefix-cached: stock's values up to summation order; stock batches (FP8-dynamic rows): bit for bit."""
@@ -158,6 +161,7 @@ def test_loglikelihoods_match_stock_hflm(family, tok):
     assert batched.loglikelihood(reqs) == want
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_matches_stock_hflm(family, tok):
     stock, ours = lms(build(family), tok)
@@ -166,6 +170,7 @@ def test_generation_matches_stock_hflm(family, tok):
     assert got == want and all(got)
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_turboquant_kv_rows_match_stock_hflm_on_the_patched_model(family, tok):
     """TurboQuant rows run PrefixCachingHFLM(share_prefixes=False): stock HFLM's log-likelihoods bit
@@ -181,6 +186,7 @@ def test_turboquant_kv_rows_match_stock_hflm_on_the_patched_model(family, tok):
     assert ours.generate_until(gen) == stock.generate_until(gen)
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kl_reference_chunks_are_the_model_logits(family, tok):
     """The KL reference's chunked log-probs are the float64 log-softmax of the model's own logits
@@ -195,6 +201,7 @@ def test_kl_reference_chunks_are_the_model_logits(family, tok):
     assert out["mean_kl"] == pytest.approx(0, abs=1e-9) and out["top1_agreement"] == 1.0
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_sliding_window_layers_see_only_their_window(family, tok):
     """Requests far longer than the 16-token window: through the prefix cache (a 100-token shared
