@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
 
@@ -22,17 +23,13 @@ pytestmark = pytest.mark.slow
 
 
 def write_recipe(tmp: Path, model: Path, data_dir: Path, name="tiny", variants=None, tasks=None) -> Path:
-    recipe = {
-        "name": name,
-        "model": {"id": str(model), "dtype": "float32"},
-        "calibration": {"num_samples": 8, "seq_len": 64},
-        "eval": {"suite": "smoke", "data_dir": str(data_dir), **({"tasks": tasks} if tasks else {})},
-        "offline": True,
-        "variants": variants or {"fp8": [{"stage": "fp8"}], "gptq-4bit": [{"stage": "gptq", "group_size": 128}]},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return conftest.write_recipe(
+        tmp,
+        model,
+        name=name,
+        eval={"suite": "smoke", "data_dir": str(data_dir), **({"tasks": tasks} if tasks else {})},
+        variants=variants or {"fp8": [{"stage": "fp8"}], "gptq-4bit": [{"stage": "gptq", "group_size": 128}]},
+    )
 
 
 def quantpipe(*args, check=True, **kw) -> subprocess.CompletedProcess:
