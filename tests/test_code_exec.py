@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import cli_in_process, write_recipe
 
 from pipeline import code_exec
 from pipeline.code_exec import (
@@ -408,24 +409,13 @@ def test_refuses_clearly_without_user_namespaces():
         os.rmdir(folder)
 
 
-# The CLI in a process whose sandbox probe came back refused (the answer check_sandbox caches; the refusal itself,
-# from a kernel that denies namespaces, is test_refuses_clearly_without_user_namespaces above).
-REFUSED_CLI = """
-import sys
-from pipeline import code_exec
-code_exec._state = ("error", "the HumanEval sandbox is not available (test): refusing to run model-written code without it")
-from pipeline.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def test_an_unavailable_sandbox_stops_the_cli_with_one_line_before_any_work(tiny_model, tmp_path):
-    """SandboxUnavailable reaches the user as bad input does: one line, exit 2, nothing built (not an internal
-    error with a traceback)."""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({"name": "x", "model": {"id": str(tiny_model)}, "variants": {"fp8": [{"stage": "fp8"}]}}))
-    cmd = [sys.executable, "-c", REFUSED_CLI, "validate", str(recipe), "--artifacts", str(tmp_path / "art")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-800:]
-    assert out.stderr == "quantpipe: error: the HumanEval sandbox is not available (test): refusing to run model-written code without it\n"
+def test_an_unavailable_sandbox_stops_the_cli_with_one_line_before_any_work(tiny_model, tmp_path, monkeypatch):
+    """SandboxUnavailable reaches the user as bad input does: exit 2 and main()'s one line, nothing built (not an
+    internal error with a traceback). The probe's answer is what check_sandbox caches; a kernel that refuses the
+    namespaces is test_refuses_clearly_without_user_namespaces."""
+    refusal = "the HumanEval sandbox is not available (test): refusing to run model-written code without it"
+    monkeypatch.setattr(code_exec, "_state", ("error", refusal))
+    recipe = write_recipe(tmp_path, tiny_model, name="x")  # the smoke suite runs HumanEval
+    out = cli_in_process("validate", recipe, "--artifacts", tmp_path / "art")
+    assert (out.returncode, out.stderr) == (2, f"quantpipe: error: {refusal}\n")
     assert not (tmp_path / "art" / "x").exists()
