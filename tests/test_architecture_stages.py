@@ -129,17 +129,20 @@ def zoo(tiny_model, tmp_path_factory):
 
 
 def stock_model(art: Artifact):
-    """The artifact loaded without quantpipe's backend: transformers (or GPTQModel) and the stage's patches."""
+    """The artifact loaded without quantpipe's backend: transformers (compressed-tensors' own fake quantization for
+    FP8), or GPTQModel, and the stage's patches."""
     if art.format == "gptq":
         from gptqmodel import GPTQModel
 
         model = GPTQModel.load(str(art.path), device="cpu").model
     else:
         model = AutoModelForCausalLM.from_pretrained(art.path, dtype="float32" if art.format == "hf" else "auto").eval()
-    if batch_invariant.quantized_linears(model):  # FP8-dynamic rows are evaluated with batch-invariant kernels
-        batch_invariant.install(model)
     apply_runtime_patches(model, art.meta)
     return model
+
+
+def stock_lm(model, art: Artifact, **kw) -> HFLM:
+    return HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(art.path), **{**STOCK, **kw})
 
 
 def weight_bytes(path) -> int:
@@ -152,17 +155,34 @@ HF_WORKS = [w for w in WORKS if w[1] not in GGUF]
 @pytest.mark.parametrize("family,stage", HF_WORKS, ids=["-".join(w) for w in HF_WORKS])
 def test_hf_family_artifact_scores_as_stock_lm_eval(family, stage, zoo):
     """The row's lm-eval model gives stock HFLM's log-likelihoods on the same artifact (bit for
-    bit on stock batches, 1e-4 with prefix reuse) and its greedy generations; the artifact is
-    quantized (KL to the base above 0, through the KL path) but still the model (KL bounded)."""
+    bit on stock batches, 1e-4 with prefix reuse; FP8-dynamic rows: compressed-tensors' at batch size
+    1 up to FP8 rounding, below) and its greedy generations; the artifact is quantized (KL to the base
+    above 0, through the KL path) but still the model (KL bounded)."""
     art = zoo.build(family, stage)
     loaded = load_for_eval(art, "float32", batch_size=3, max_length=256)
-    stock = HFLM(pretrained=stock_model(art), tokenizer=AutoTokenizer.from_pretrained(art.path), **STOCK)
     reqs, gen = loglikelihood_requests(), generation_requests(n=2, max_gen_toks=24)
-    want = stock.loglikelihood(reqs)
-    if loaded.lm.prefix_caching and not batch_invariant.quantized_linears(loaded.lm.model):
-        assert_close(loaded.lm.loglikelihood(reqs), want)
-    else:  # TurboQuant KV rows run stock batches; FP8-dynamic rows share prefixes exactly (batch-invariant)
-        assert loaded.lm.loglikelihood(reqs) == want
+    got = loaded.lm.loglikelihood(reqs)
+    if batch_invariant.quantized_linears(loaded.lm.model):
+        # FP8-dynamic rows against compressed-tensors' own fake quantization, untouched, one request at a time (its
+        # numbers move with the batch). Another float32 summation order moves some activations across an FP8
+        # rounding step, so they agree up to that: measured on these models at most 0.14 nats a request, 0.035 on
+        # average (quantpipe's exact float64 path: 0.077 at most), where the unquantized base is 0.16-0.39 nats away
+        # on average; the greedy flags are the same.
+        want = stock_lm(stock_model(art), art, batch_size=1).loglikelihood(reqs)
+        diffs = [abs(a[0] - b[0]) for a, b in zip(got, want)]
+        assert max(diffs) < 0.25 and sum(diffs) / len(diffs) < 0.07, diffs
+        assert [a[1] for a in got] == [b[1] for b in want]
+        # On the batch-invariant kernels, stock HFLM's batching gives ours bit for bit: prefix sharing is exact here.
+        kernels = stock_model(art)
+        batch_invariant.install(kernels)
+        stock = stock_lm(kernels, art)
+        assert got == stock.loglikelihood(reqs)
+    else:
+        stock = stock_lm(stock_model(art), art)
+        if loaded.lm.prefix_caching:
+            assert_close(got, stock.loglikelihood(reqs))
+        else:  # TurboQuant KV rows run stock batches
+            assert got == stock.loglikelihood(reqs)
     assert loaded.lm.generate_until(gen) == stock.generate_until(gen)
 
     kl = dv.compare(loaded, zoo.reference(family))["docs"]["mean_kl"]

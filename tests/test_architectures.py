@@ -85,6 +85,8 @@ def config(family: str, vocab: int = 1024, window: int = WINDOW, **sizes):
 
 
 FAMILIES = ["llama3", "qwen2", "gemma3", "mistral", "phi3"]
+# Stock HFLM (lm-eval's evaluator) against ours, per family: 4-30 s each, out of the `-m "not slow"` loop.
+EVALUATES = pytest.mark.slow
 LLAMA3_VOCAB = 128256
 
 
@@ -144,6 +146,7 @@ def assert_close(got, want):
         assert lp == pytest.approx(lp0, abs=1e-4) and greedy == greedy0
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loglikelihoods_match_stock_hflm(family, tok):
     """Prefix-cached: stock's values up to summation order; stock batches (FP8-dynamic rows): bit for bit."""
@@ -158,6 +161,7 @@ def test_loglikelihoods_match_stock_hflm(family, tok):
     assert batched.loglikelihood(reqs) == want
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_matches_stock_hflm(family, tok):
     stock, ours = lms(build(family), tok)
@@ -166,6 +170,7 @@ def test_generation_matches_stock_hflm(family, tok):
     assert got == want and all(got)
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_turboquant_kv_rows_match_stock_hflm_on_the_patched_model(family, tok):
     """TurboQuant rows run PrefixCachingHFLM(share_prefixes=False): stock HFLM's log-likelihoods bit
@@ -181,6 +186,7 @@ def test_turboquant_kv_rows_match_stock_hflm_on_the_patched_model(family, tok):
     assert ours.generate_until(gen) == stock.generate_until(gen)
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kl_reference_chunks_are_the_model_logits(family, tok):
     """The KL reference's chunked log-probs are the float64 log-softmax of the model's own logits
@@ -195,6 +201,7 @@ def test_kl_reference_chunks_are_the_model_logits(family, tok):
     assert out["mean_kl"] == pytest.approx(0, abs=1e-9) and out["top1_agreement"] == 1.0
 
 
+@EVALUATES
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_sliding_window_layers_see_only_their_window(family, tok):
     """Requests far longer than the 16-token window: through the prefix cache (a 100-token shared
@@ -220,6 +227,7 @@ def test_sliding_window_layers_see_only_their_window(family, tok):
     assert tq.generate_until(gen) == stock.generate_until(gen)
 
 
+@pytest.mark.slow  # a 128k-vocabulary model through stock HFLM and ours: GB of logits
 def test_logits_memory_is_bounded_at_a_128k_vocabulary(tok):
     """Llama-3's 128,256-token vocabulary, batch 4, 250-token inputs whose last 100 tokens are read
     (a rolling window): stock HFLM's peak grows by its [batch, length, vocab] logits and their
@@ -285,6 +293,7 @@ def test_turboquant_kv_is_refused_for_recurrent_layers():
         apply_kv_cache(model, KVConfig().__dict__)
 
 
+@pytest.mark.slow  # runs the turboquant stage
 @pytest.mark.parametrize("stage,params", [("turboquant", {"preset": "turboquant_k3v4_nc"})])
 def test_loaded_rows_with_stock_batches_score_as_stock_hflm(stage, params, tiny_model, tok, tmp_path):
     """load_for_eval gives TurboQuant KV rows PrefixCachingHFLM without prefix sharing; their

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import cli_in_process, recipe_spec
 
 from pipeline.errors import QuantpipeError
 from pipeline.models import model_info, resolve_model
@@ -45,6 +46,7 @@ def test_corrupt_model_folder(tmp_path, tiny_model):
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    """The first case through a real CLI process (main()'s one line and exit 2), the others in this process."""
     r = tmp_path / "r.yaml"
     cases = {
         "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: nope}]}\n": "unknown stage 'nope'",
@@ -54,13 +56,14 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         "name: x\nmodel: {id: a/b}\nvariants: {v: [{stage: fp8}]}\neval: {batch_size: autox}\n": "'autox' is not a positive integer",
         "name: x\nmodel: {id: ./no/such/dir}\nvariants: {v: [{stage: fp8}]}\neval: {tasks: {humaneval: null}}\n": "no config.json",
     }
-    for text, needle in cases.items():
+    for i, (text, needle) in enumerate(cases.items()):
         r.write_text(text)
-        out = cli("run", r, "--artifacts", tmp_path / "art")
+        out = (cli if i == 0 else cli_in_process)("run", r, "--artifacts", tmp_path / "art")
         assert out.returncode == 2, (text, out.stderr)
-        assert needle in out.stderr and "Traceback" not in out.stderr, (needle, out.stderr)
+        assert needle in out.stderr and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, (needle, out.stderr)
 
 
+@pytest.mark.slow  # a whole run: the fp8 stage and the smoke suite's evaluations
 def test_empty_calibration_set_fails_only_that_variant(tmp_path, tiny_model, data_dir):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
@@ -90,35 +93,20 @@ def test_empty_calibration_set_fails_only_that_variant(tmp_path, tiny_model, dat
 
 def test_doctor_reports_missing_opt_in_and_passes_with_it(tmp_path, tiny_model, data_dir):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "d",
-                "model": {"id": str(tiny_model)},
-                "eval": {"suite": "smoke", "data_dir": str(data_dir)},
-                "variants": {"fp8": [{"stage": "fp8"}]},
-            }
-        )
-    )
-    out = cli("doctor", recipe, "--artifacts", tmp_path / "art")
+    recipe.write_text(yaml.safe_dump(recipe_spec(tiny_model, data_dir, name="d", offline=False)))
+    out = cli_in_process("doctor", recipe, "--artifacts", tmp_path / "art")
     assert out.returncode == 1 and "FAIL HumanEval" in out.stdout and "--allow-code-execution" in out.stdout
-    out = cli("doctor", recipe, "--artifacts", tmp_path / "art", "--allow-code-execution")
+    out = cli_in_process("doctor", recipe, "--artifacts", tmp_path / "art", "--allow-code-execution")
     assert out.returncode == 0 and "ready" in out.stdout and "all files present" in out.stdout
 
 
 def _good(tiny_model, data_dir) -> dict:
-    return {
-        "name": "x",
-        "model": {"id": str(tiny_model)},
-        "offline": True,
-        "eval": {"suite": "smoke", "data_dir": str(data_dir), "tasks": {"humaneval": None}},
-        "variants": {"fp8": [{"stage": "fp8"}]},
-    }
+    return recipe_spec(tiny_model, name="x", eval={"suite": "smoke", "data_dir": str(data_dir), "tasks": {"humaneval": None}})
 
 
 def test_hostile_recipes_get_one_line_and_exit_2_from_validate(tmp_path, tiny_model, data_dir):
     """The attack's crash list: each is refused by `validate` (which checks what `run` checks) with
-    one line, before any work."""
+    one line, before any work (in this process: the CLI's own one line is test_cli_errors_are_one_line_without_traceback's)."""
     good = _good(tiny_model, data_dir)
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
     cases = {
@@ -141,7 +129,7 @@ def test_hostile_recipes_get_one_line_and_exit_2_from_validate(tmp_path, tiny_mo
     r = tmp_path / "r.yaml"
     for text, needle in cases.items():
         r.write_bytes(text)
-        out = cli("validate", r, "--artifacts", tmp_path / "art")
+        out = cli_in_process("validate", r, "--artifacts", tmp_path / "art")
         assert out.returncode == 2, (needle, out.stdout, out.stderr[-500:])
         assert needle in out.stderr and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, (needle, out.stderr)
         assert not (tmp_path / "art" / "x").exists()
@@ -156,24 +144,22 @@ def test_garbled_data_and_garbage_weights_are_named_before_any_work(tmp_path, ti
     r.write_text(
         yaml.safe_dump({**_good(tiny_model, data_dir), "eval": {"suite": "smoke", "data_dir": str(data), "tasks": {"humaneval": None}}})
     )
-    out = cli("run", r, "--artifacts", tmp_path / "art")
+    out = cli_in_process("run", r, "--artifacts", tmp_path / "art")
     assert out.returncode == 2 and "validation.jsonl:818 is not a JSON object per line" in out.stderr, out.stderr[-800:]
     assert "Traceback" not in out.stderr and not (tmp_path / "art" / "x" / "fp8").exists()
     model = tmp_path / "m"
     shutil.copytree(tiny_model, model)
     (model / "model.safetensors").write_bytes(b"\x00garbage" * 100)
     r.write_text(yaml.safe_dump({**_good(model, data_dir)}))
-    out = cli("run", r, "--artifacts", tmp_path / "art")
+    out = cli_in_process("run", r, "--artifacts", tmp_path / "art")
     assert out.returncode == 2 and "not a readable safetensors file" in out.stderr and "Traceback" not in out.stderr, out.stderr[-800:]
 
 
-def test_suite_that_is_not_a_mapping_is_refused(tmp_path):
-    from pipeline.recipe import EVALS_DIR, load_suite
+def test_suite_that_is_not_a_mapping_is_refused(tmp_path, monkeypatch):
+    from pipeline import recipe
 
-    bad = EVALS_DIR / "suites" / "zz-test-list-suite.yaml"
-    bad.write_text("- mmlu\n- gsm8k\n")
-    try:
-        with pytest.raises(QuantpipeError, match="is not a suite"):
-            load_suite("zz-test-list-suite")
-    finally:
-        bad.unlink()
+    (tmp_path / "suites").mkdir()
+    (tmp_path / "suites" / "list-suite.yaml").write_text("- mmlu\n- gsm8k\n")
+    monkeypatch.setattr(recipe, "EVALS_DIR", tmp_path)  # suites are read from EVALS_DIR/suites: a scratch one, not the repository's
+    with pytest.raises(QuantpipeError, match="list-suite.yaml is not a suite"):
+        recipe.load_suite("list-suite")

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import cli_in_process, write_recipe
 
 from pipeline import code_exec
 from pipeline.code_exec import (
@@ -26,7 +27,6 @@ from pipeline.code_exec import (
     UID_BASE,
     CodeExecutionNotAllowed,
     ProgramResult,
-    SandboxUnavailable,
     check_sandbox,
     pass_at_k,
     pass_at_k_estimate,
@@ -102,9 +102,7 @@ def test_pass_at_k_matches_code_eval_contract():
 
 
 def test_infinite_loop_is_killed_at_the_timeout():
-    t = time.time()
     assert run_program("while True:\n    pass\n", timeout=2).reason == "timeout"
-    assert time.time() - t < 5
     assert not item_processes()
 
 
@@ -288,14 +286,14 @@ def test_interpreter_outside_usr_is_bound_read_only(monkeypatch):
     assert run_program(prog).reason == "passed"
 
 
-def test_overhead_per_item():
-    run_program("pass")
-    n = 10
-    t = time.perf_counter()
-    results = [run_program("pass") for _ in range(n)]
-    per_item = (time.perf_counter() - t) / n
-    print(f"sandbox overhead: {per_item * 1000:.0f} ms/item")
-    assert all(results) and per_item < 0.5
+def test_each_item_runs_in_a_fresh_sandbox():
+    """Items one after another, as an evaluation runs them: each finds an empty /tmp (the file the previous item
+    left is gone) and is the child of its own PID namespace's init, and nothing of them is left running. (What
+    an item costs is measured in docs/sandbox.md, not asserted: CONTRIBUTING rules out timed assertions.)"""
+    prog = "import os\nassert os.listdir('/tmp') == [], os.listdir('/tmp')\nopen('/tmp/left-behind', 'w').write('x')\n"
+    prog += "assert os.getppid() == 1, os.getppid()\n"
+    assert [run_program(prog).reason for _ in range(5)] == ["passed"] * 5
+    assert not item_processes()
 
 
 # The non-root path: the harness itself runs as nobody, so the sandbox is built in a user namespace.
@@ -411,7 +409,13 @@ def test_refuses_clearly_without_user_namespaces():
         os.rmdir(folder)
 
 
-def test_sandbox_unavailable_is_a_quantpipe_error():
-    from pipeline.errors import QuantpipeError
-
-    assert issubclass(SandboxUnavailable, QuantpipeError)  # the CLI prints it as a one-line error
+def test_an_unavailable_sandbox_stops_the_cli_with_one_line_before_any_work(tiny_model, tmp_path, monkeypatch):
+    """SandboxUnavailable reaches the user as bad input does: exit 2 and main()'s one line, nothing built (not an
+    internal error with a traceback). The probe's answer is what check_sandbox caches; a kernel that refuses the
+    namespaces is test_refuses_clearly_without_user_namespaces."""
+    refusal = "the HumanEval sandbox is not available (test): refusing to run model-written code without it"
+    monkeypatch.setattr(code_exec, "_state", ("error", refusal))
+    recipe = write_recipe(tmp_path, tiny_model, name="x")  # the smoke suite runs HumanEval
+    out = cli_in_process("validate", recipe, "--artifacts", tmp_path / "art")
+    assert (out.returncode, out.stderr) == (2, f"quantpipe: error: {refusal}\n")
+    assert not (tmp_path / "art" / "x").exists()

@@ -34,6 +34,7 @@ def test_chunked_logprobs_are_the_whole_window_log_softmax_bit_for_bit(base_load
     assert np.array_equal(np.concatenate(chunks), whole)
 
 
+@pytest.mark.slow  # the KL evaluator over the docs text, reference and comparison (9-20 s each here)
 def test_identical_model_gives_zero_kl_full_agreement(base_loaded, tmp_path):
     ref = dv.base_reference(base_loaded, base_loaded.lm.tokenizer, TEXTS)
     dv.save_reference(ref, tmp_path / "ref.npz")
@@ -43,6 +44,7 @@ def test_identical_model_gives_zero_kl_full_agreement(base_loaded, tmp_path):
     assert out["ppl_ratio"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k", [64, 511])
 def test_topk_kl_is_a_lower_bound_and_exact_with_the_full_vocab(top_k, base_loaded, tiny_model, monkeypatch):
     monkeypatch.setattr(dv, "TOP_K", top_k)

@@ -10,6 +10,7 @@ from xml.etree import ElementTree as ET
 
 import pytest
 import yaml
+from conftest import cli_in_process
 
 from pipeline import store
 from pipeline.report import write_report
@@ -39,8 +40,13 @@ def make_run(root: Path, base: list[float], variants: dict[str, list[float]], ta
     return root
 
 
-def gate(*args):
+def gate_process(*args):
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "gate", *map(str, args)], capture_output=True, text=True)
+
+
+def gate(*args, cwd=None):
+    """In this process (a CLI start costs seconds); test_pass_and_fail_exit_codes starts real ones."""
+    return cli_in_process("gate", *args, cwd=cwd)
 
 
 BASE = [1] * 120 + [0] * 80  # 60% on 200 items
@@ -50,7 +56,7 @@ def test_pass_and_fail_exit_codes(tmp_path):
     good = list(BASE)
     bad = [0] * 30 + BASE[30:]  # 30 correct->wrong: -15 points
     run = make_run(tmp_path / "r", BASE, {"good": good, "bad": bad})
-    r = gate(run, "--max-drop", "GSM8K=5", "--json", tmp_path / "v.json", "--junit", tmp_path / "v.xml")
+    r = gate_process(run, "--max-drop", "GSM8K=5", "--json", tmp_path / "v.json", "--junit", tmp_path / "v.xml")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL" in r.stdout and "bad / GSM8K" in r.stdout
     v = json.loads((tmp_path / "v.json").read_text())
@@ -60,7 +66,9 @@ def test_pass_and_fail_exit_codes(tmp_path):
     assert by["good"]["interval"][1] < 5 < by["bad"]["interval"][0]  # the bounds decided, not the point estimate
     suites = ET.parse(tmp_path / "v.xml").getroot()
     assert [(s.get("name"), s.get("failures")) for s in suites] == [("good", "0"), ("bad", "1")]
-    assert gate(run, "--max-drop", "GSM8K=5", "--variant", "good").returncode == 0
+    assert gate_process(run, "--max-drop", "GSM8K=5", "--variant", "good").returncode == 0
+    r = gate_process(run)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no thresholds" in r.stderr, r.stderr
 
 
 def test_a_drop_that_may_exceed_the_margin_does_not_pass(tmp_path):
@@ -186,10 +194,13 @@ def test_gate_of_a_recipe_looks_for_its_run_under_artifacts(tmp_path):
     )
     r = gate(recipe, "--artifacts", tmp_path / "nowhere")
     assert r.returncode == 2 and "nowhere/t holds no run" in r.stderr
+    # without --artifacts it reads ./artifacts/<recipe name>: none there, one line naming it
+    r = gate(recipe, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr == "quantpipe: error: artifacts/t holds no run (no plan.json); run `quantpipe run` first\n"
 
 
 def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
-    from pipeline import sequential as sq
     from pipeline.gate import GateConfig
     from pipeline.planning import plan_report
 
@@ -204,7 +215,8 @@ def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
         if line.startswith(("| closer ", "| noisy ", "| over ", "| same "))
     }
     assert set(rows) == {"closer", "noisy", "over", "same"}
-    assert rows["same"][4] == "0.122" and int(rows["same"][5]) == sq.fixed_n_items((3 / 200) ** 0.5, 0.05, 0.05, 0.9) > 1
+    # the fixed-n design ((z_0.95 + z_0.9) sd / margin)^2 = ((1.6449 + 1.2816) * 0.1225 / 0.05)^2 = 51.4: 52 items
+    assert rows["same"][4] == "0.122" and int(rows["same"][5]) == 52
     assert rows["over"][3] == "+10.00" and 0 < int(rows["over"][5]) < int(rows["closer"][5])
     assert rows["closer"][0] == "GSM8K" and rows["closer"][2] == "200" and rows["closer"][3] == "+3.00"
     fixed = {k: int(v[5]) for k, v in rows.items()}

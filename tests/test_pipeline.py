@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 import yaml
 
@@ -21,17 +23,13 @@ pytestmark = pytest.mark.slow
 
 
 def write_recipe(tmp: Path, model: Path, data_dir: Path, name="tiny", variants=None, tasks=None) -> Path:
-    recipe = {
-        "name": name,
-        "model": {"id": str(model), "dtype": "float32"},
-        "calibration": {"num_samples": 8, "seq_len": 64},
-        "eval": {"suite": "smoke", "data_dir": str(data_dir), **({"tasks": tasks} if tasks else {})},
-        "offline": True,
-        "variants": variants or {"fp8": [{"stage": "fp8"}], "gptq-4bit": [{"stage": "gptq", "group_size": 128}]},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    return conftest.write_recipe(
+        tmp,
+        model,
+        name=name,
+        eval={"suite": "smoke", "data_dir": str(data_dir), **({"tasks": tasks} if tasks else {})},
+        variants=variants or {"fp8": [{"stage": "fp8"}], "gptq-4bit": [{"stage": "gptq", "group_size": 128}]},
+    )
 
 
 def quantpipe(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -124,16 +122,20 @@ def test_rerun_reuses_everything(finished):
     assert {r["name"] for r in json.loads(out.stdout)["rows"]} == set(before)
 
 
-def test_corrupt_artifact_is_detected_and_rebuilt(finished):
+def test_corrupt_artifact_is_detected_and_rebuilt(finished, tmp_path):
+    """On a copy of the finished run: later tests compare with the original."""
     tmp, recipe, root, _ = finished
-    weights = root / "fp8" / "stages" / "00-fp8" / "model.safetensors"
+    original = (root / "fp8" / "stages" / "00-fp8" / "model.safetensors").read_bytes()
+    shutil.copytree(tmp / "art", tmp_path / "art", symlinks=True)
+    weights = tmp_path / "art" / "tiny" / "fp8" / "stages" / "00-fp8" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    r = quantpipe("run", recipe, "--artifacts", tmp / "art", "--allow-code-execution")
+    r = quantpipe("run", recipe, "--artifacts", tmp_path / "art", "--allow-code-execution")
     assert "not usable (files differ from the manifest (model.safetensors)); recomputing" in r.stderr
     assert any(line.startswith("[") and "build fp8[0] fp8: " in line and not line.endswith("reused") for line in step_lines(r.stderr))
     assert weights.read_bytes() != bytes(data)
+    assert (root / "fp8" / "stages" / "00-fp8" / "model.safetensors").read_bytes() == original
 
 
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(finished, tiny_model, data_dir, tmp_path):

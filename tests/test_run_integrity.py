@@ -9,12 +9,11 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
+from conftest import cli_in_process
 
 from pipeline import store
 from pipeline.errors import RecipeError
@@ -66,11 +65,11 @@ def chunked_run(root: Path, rows: dict[str, list[float]], chunk: int = 20, task:
 
 
 def gate(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "gate", *map(str, args)], capture_output=True, text=True)
+    return cli_in_process("gate", *args)  # a CLI start costs seconds; test_gate.py starts real ones
 
 
 def table_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "table", *map(str, args)], capture_output=True, text=True)
+    return cli_in_process("table", *args)
 
 
 # base: 12 of its first 20 items right (60%), 50% over all 160

@@ -7,6 +7,8 @@ simulation can detect an invalid procedure.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -17,6 +19,8 @@ MARGIN = 0.03
 RUNS = 2000
 BUDGET = 6400
 LOOKS = sq.geometric_looks(50, BUDGET)  # 50, 100, 200, ..., 6400
+# Thousands of simulated runs each (1-5 s): out of the `-m "not slow"` loop, in the full suite.
+SIMULATION = pytest.mark.slow
 
 
 def binary_drops(rng, runs, n, drop, discord=0.15):
@@ -66,6 +70,7 @@ def drop_gate(d, looks=LOOKS, method="betting"):
 # --------------------------------------------------------------------------------------------
 
 
+@SIMULATION
 @pytest.mark.parametrize("method", ["betting", "eb", "agrapa"])
 def test_false_pass_at_margin_binary(method):
     d = binary_drops(np.random.default_rng(1), RUNS, BUDGET, drop=MARGIN)
@@ -76,6 +81,7 @@ def test_false_pass_at_margin_binary(method):
     assert naive_peeking_pass_rate(d, LOOKS, MARGIN) > 0.08
 
 
+@SIMULATION
 def test_false_pass_at_margin_continuous():
     d = mc2_drops(np.random.default_rng(2), RUNS, BUDGET, drop=MARGIN)
     r = drop_gate(d)
@@ -93,6 +99,7 @@ def test_false_pass_looks_after_every_item():
     assert naive_peeking_pass_rate(d, range(2, 1001), 0.10) > 0.2
 
 
+@SIMULATION
 @pytest.mark.parametrize("gen", [binary_drops, mc2_drops])
 def test_false_fail_when_lossless(gen):
     d = gen(np.random.default_rng(4), RUNS, BUDGET, drop=0.0)
@@ -111,6 +118,7 @@ def test_straddle_rule_passes_worse_variants():
     assert drop_gate(d, sq.geometric_looks(50, 800)).pass_rate <= 0.01
 
 
+@SIMULATION
 def test_recovery_false_pass_at_ratio():
     r_min = 0.95
     base, var = binary_pairs(np.random.default_rng(6), RUNS, BUDGET, 0.6, drop=0.6 * (1 - r_min))
@@ -123,6 +131,7 @@ def test_recovery_false_pass_at_ratio():
     assert ok.pass_rate > 0.8
 
 
+@SIMULATION
 def test_family_wise_error_four_checks_at_margin():
     """k = 4 checks all at their margin; Holm over anytime p-values (the last look's running
     minimum, which bounds every earlier look's Holm rejections). Any false pass in the family
@@ -150,6 +159,7 @@ def test_family_wise_error_four_checks_at_margin():
 # --------------------------------------------------------------------------------------------
 
 
+@SIMULATION
 def test_decides_within_budget():
     budget = 12_800
     looks = sq.geometric_looks(50, budget)
@@ -167,6 +177,7 @@ def test_decides_within_budget():
 # --------------------------------------------------------------------------------------------
 
 
+@SIMULATION
 @pytest.mark.parametrize("method", ["betting", "eb", "agrapa"])
 def test_cs_covers_true_mean_at_all_times(method):
     # Beta(2, 5) on [0, 1], mean 2/7, every item a look: mu leaves the CS at some t iff one of
@@ -293,14 +304,49 @@ def test_decide_family_mixed_checks():
     assert "Holm" in out["gsm8k"].reason
 
 
-def test_family_uses_the_anytime_p_values_and_holm():
-    rng = np.random.default_rng(19)
+def p_pass_by_hand(d, margin, alpha_bets, looks) -> float:
+    """A second implementation, item by item from the paper, of the anytime p-value for H0: mean drop >= margin:
+    the one-sided PrPl-H capital process of Waudby-Smith & Ramdas (JRSS-B 2024, Thm 3) on x = (d + 1) / 2 at
+    m = (margin + 1) / 2, bets sqrt(2 log(1/a) / (sigma2_{t-1} t log(1 + t))) truncated at 1/2 / (1 - m), mean and
+    variance regularised by one fake observation (1/2, 1/4); p = 1 / the largest capital seen at a look (at most 1)."""
+    m = (margin + 1) / 2
+    looks = {t for t in looks if t <= len(d)} | {len(d)}
+    total = dev = log_capital = best = 0.0
+    sigma2 = 0.25
+    for t, v in enumerate(d, start=1):
+        x = (v + 1) / 2
+        bet = min(math.sqrt(2 * math.log(1 / alpha_bets) / (sigma2 * t * math.log1p(t))), 0.5 / (1 - m))
+        log_capital += math.log1p(bet * (m - x))
+        if t in looks:
+            best = max(best, log_capital)
+        total += x
+        dev += (x - (0.5 + total) / (t + 1)) ** 2
+        sigma2 = (0.25 + dev) / (t + 1)
+    return math.exp(-best)
+
+
+def holm_by_hand(p, alpha) -> list[bool]:
+    """Holm (1979): the j-th smallest p-value (j from 0) is rejected while every one so far is <= alpha / (k - j)."""
+    rejected = [False] * len(p)
+    for j, i in enumerate(sorted(range(len(p)), key=lambda i: p[i])):
+        if p[i] > alpha / (len(p) - j):
+            break
+        rejected[i] = True
+    return rejected
+
+
+# seed 101: p = 0.0011, 0.0183, 0.52: Holm's second step (0.0183 <= alpha/2) passes a check that Bonferroni
+# (alpha/3 = 0.0167) would not; seed 25: p = 0.0001, 0.0486, 0.037: uncorrected, all three would pass
+@pytest.mark.parametrize("seed,statuses", [(101, ["pass", "pass", "undecided"]), (25, ["pass", "undecided", "undecided"])])
+def test_family_uses_the_anytime_p_values_and_holm(seed, statuses):
+    rng = np.random.default_rng(seed)
     ds = [binary_drops(rng, 1, 3000, drop)[0] for drop in (0.0, 0.005, 0.01)]
     looks = sq.geometric_looks(100, 3000)
     out = sq.decide_family({str(i): sq.DropCheck(d, MARGIN, looks) for i, d in enumerate(ds)}, ALPHA)
-    p = np.array([sq.anytime_p_values(d, MARGIN, ALPHA / 3, -1.0, 1.0, looks)[0] for d in ds])
-    assert np.allclose([out[str(i)].p_pass for i in range(3)], p)
-    assert [out[str(i)].status == "pass" for i in range(3)] == sq.holm(p, ALPHA).tolist()
+    p = [p_pass_by_hand(d, MARGIN, ALPHA / 3, looks) for d in ds]  # bets tuned at the Bonferroni level
+    assert [out[str(i)].p_pass for i in range(3)] == pytest.approx(p, rel=1e-9)
+    assert [out[str(i)].status == "pass" for i in range(3)] == holm_by_hand(p, ALPHA)
+    assert [out[str(i)].status for i in range(3)] == statuses
 
 
 def test_recovery_ratio_interval_contains_estimate():
