@@ -126,6 +126,7 @@ def test_loglikelihoods_match_stock_hflm_with_fewer_tokens_run(tiny_lms):
     assert ours_tokens.positions < 0.5 * stock_tokens.positions
 
 
+@pytest.mark.slow  # a real lm-eval evaluation of several batches: over 10 s on 2 cores
 def test_packed_suffixes_read_what_padded_batches_read_from_fewer_positions(tiny_lms, monkeypatch):
     from pipeline.backends import prefix_groups
 
@@ -207,6 +208,7 @@ def test_rolling_loglikelihood_matches_stock(tiny_lms):
     assert ours.loglikelihood_rolling(reqs)[0] == pytest.approx(stock.loglikelihood_rolling(reqs)[0], abs=1e-3)
 
 
+@pytest.mark.slow  # a real lm-eval evaluation of several batches: over 10 s on 2 cores
 def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny_lms):
     """Greedy generate_until with the appending KV cache gives exactly stock HFLM's text, for a
     batch of prompts of different lengths (left padding) run past the cache's first capacity."""
@@ -236,6 +238,7 @@ def test_generation_is_token_for_token_stock_and_the_cache_appends_in_place(tiny
     assert layer.keys.data_ptr() == layer._buf[0].data_ptr()
 
 
+@pytest.mark.slow  # a real lm-eval evaluation of several batches: over 10 s on 2 cores
 def test_generation_stops_once_every_row_text_is_settled(tiny_lms):
     """Rows that end on different stop strings: stock runs the batch to the token cap (no single
     stop string is in every row); ours stops when each row's cut is final, with the same texts."""
@@ -322,6 +325,7 @@ def test_peak_memory_reports_the_block_peak_and_nests():
     assert 18e6 < inner.grown_bytes < 30e6
 
 
+@pytest.mark.slow  # a real lm-eval evaluation of several batches: over 10 s on 2 cores
 def test_auto_batch_size_is_measured_and_the_evaluation_stays_within_the_budget(tiny_model):
     """A budget below one sequence is refused; a larger budget gives a larger batch; an evaluation
     at the chosen batch, every request max_length long with every position read (the most a
