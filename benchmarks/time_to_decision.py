@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import sequential as sq  # noqa: E402
 from pipeline.gate import GateConfig, paired_items  # noqa: E402
-from pipeline.planning import planning_sd  # noqa: E402
+from pipeline.items_needed import planning_sd  # noqa: E402
 from pipeline.table import build_table  # noqa: E402
 
 BASE_RECIPE = ROOT / "recipes" / "smollm2-135m.yaml"

@@ -7,8 +7,8 @@ import json
 import random
 from pathlib import Path
 
-from .benchmarks import evaluation_folders, refused_calibration_ids
 from .errors import QuantpipeError, RecipeError
+from .tasks import evaluation_folders, refused_calibration_ids
 
 # Stdlib modules whose docstrings form the offline default corpus: English prose about code,
 # present on every Python install, and disjoint from every benchmark we evaluate.

@@ -184,7 +184,7 @@ def _current_table(root: Path, recipe=None):
 
 def _plan(a) -> int:
     from .gate import resolve_config
-    from .planning import plan_report
+    from .items_needed import plan_report
     from .runner import run_local
 
     (job,) = _jobs(a)

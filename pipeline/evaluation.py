@@ -16,9 +16,9 @@ import shutil
 import time
 from pathlib import Path
 
-from .benchmarks import SEEDS, TASKS, Task
 from .errors import QuantpipeError, RecipeError
 from .recipe import Recipe, TaskSpec, load_suite
+from .tasks import SEEDS, TASKS, Task
 
 # The seeds every evaluation passes to lm-eval's simple_evaluate (and the backends to torch):
 # part of every evaluation's key, written here once.

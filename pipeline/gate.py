@@ -29,9 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import sequential as sq
-from .benchmarks import COLUMNS
 from .errors import QuantpipeError
 from .table import Cell, Row, Table
+from .tasks import COLUMNS
 
 CheckKind = Literal["drop", "recovery", "kl", "average", "row", "build", "record"]
 

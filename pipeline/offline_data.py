@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .benchmarks import MIRRORED
 from .errors import QuantpipeError
+from .tasks import MIRRORED
 
 
 def required_files(data_dir: Path) -> list[Path]:

@@ -20,13 +20,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from .benchmarks import COLUMNS
 from .errors import QuantpipeError
 from .isolation import ModelSlot
 from .job import Job
 from .plan import Plan, Step
 from .progress import Progress
 from .store import clean_stale_tmp, run_lock
+from .tasks import COLUMNS
 
 log = logging.getLogger("quantpipe")
 

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import store
-from .benchmarks import COLUMNS, item_scores
 from .errors import QuantpipeError
 from .plan import step_keys
 from .stats import Paired, mean_stderr, paired
+from .tasks import COLUMNS, item_scores
 
 
 @dataclass

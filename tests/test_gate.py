@@ -202,7 +202,7 @@ def test_gate_of_a_recipe_looks_for_its_run_under_artifacts(tmp_path):
 
 def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
     from pipeline.gate import GateConfig
-    from pipeline.planning import plan_report
+    from pipeline.items_needed import plan_report
 
     closer = [0] * 6 + BASE[6:]  # a 3-point drop against a 5-point margin: harder to decide than no drop
     over = [0] * 20 + BASE[20:]  # a 10-point drop: sized to fail, as a drop under the margin is sized to pass

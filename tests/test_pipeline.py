@@ -16,8 +16,8 @@ import conftest
 import pytest
 import yaml
 
-from pipeline.benchmarks import COLUMNS
 from pipeline.store import run_lock
+from pipeline.tasks import COLUMNS
 
 pytestmark = pytest.mark.slow
 

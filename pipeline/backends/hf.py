@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..benchmarks import SEEDS
 from ..errors import QuantpipeError
 from ..placement import Placement, Target, checkpoint_dtype
 from ..remote_code import trust
+from ..tasks import SEEDS
 from ..types import Artifact
 from .base import Backend, LoadedModel
 

@@ -43,9 +43,9 @@ from lm_eval.models.utils import (
 )
 from tqdm import tqdm
 
-from ..benchmarks import SEEDS
 from ..placement import Target
 from ..remote_code import trust
+from ..tasks import SEEDS
 from ..types import Artifact
 from .base import Backend, LoadedModel
 

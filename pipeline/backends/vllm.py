@@ -18,9 +18,9 @@ returns all of its GPU memory, which an engine dropped by reference does not rel
 
 from __future__ import annotations
 
-from ..benchmarks import SEEDS
 from ..errors import QuantpipeError
 from ..recipe import VLLMSpec
+from ..tasks import SEEDS
 from ..types import Artifact
 from .base import Backend, LoadedModel
 

@@ -15,10 +15,10 @@ import numpy as np
 
 from . import sequential as sq
 from . import store
-from .benchmarks import COLUMNS
 from .errors import QuantpipeError
 from .gate import GateConfig
 from .table import Table, build_table
+from .tasks import COLUMNS
 
 
 @dataclass
