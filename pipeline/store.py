@@ -81,12 +81,12 @@ def _hash_cache_path() -> Path:
     return Path(os.environ.get("QUANTPIPE_HOME", Path.home() / ".cache" / "quantpipe")) / "sha256-cache.json"
 
 
-def fingerprint_files(paths) -> str:
-    """Content identity of input files (base weights, evaluation data), for keys. Hashes are cached
-    by path, size, mtime and inode, so a multi-GB checkpoint is hashed once, not every run."""
+def file_sha256s(paths) -> dict[Path, str]:
+    """SHA-256 of each file (resolved path -> hex digest), cached by path, size, mtime and inode,
+    so a multi-GB file is hashed once, not every run."""
     cache_path = _hash_cache_path()
     cache = read_json(cache_path) or {}
-    h, dirty = hashlib.sha256(), False
+    out, dirty = {}, False
     for p in sorted(Path(p).resolve() for p in paths):
         st = p.stat()
         stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
@@ -94,12 +94,20 @@ def fingerprint_files(paths) -> str:
         if not entry or entry[0] != stamp:
             entry = cache[str(p)] = [stamp, sha256_file(p)]
             dirty = True
-        h.update(f"{p.name}:{entry[1]}\n".encode())
+        out[p] = entry[1]
     if dirty:
         try:
             atomic_write_json(cache_path, cache)
         except OSError:  # a read-only home only costs re-hashing next time
             pass
+    return out
+
+
+def fingerprint_files(paths) -> str:
+    """Content identity of input files (base weights, evaluation data), for keys (names included)."""
+    h = hashlib.sha256()
+    for p, digest in file_sha256s(paths).items():
+        h.update(f"{p.name}:{digest}\n".encode())
     return h.hexdigest()[:16]
 
 
