@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import QuantpipeError
@@ -84,6 +85,17 @@ def merge_shards(shards: list[Path], out: Path) -> Path:
     return out
 
 
+@contextmanager
+def alone(gguf_file: Path):
+    """The file, linked into an empty folder: transformers given gguf_file= also reads tokenizer and
+    config files beside it (the GGUF stage's output has them), and the conversion must depend on
+    the file's content only, as its cache key does."""
+    with tempfile.TemporaryDirectory(prefix="qp-gguf-") as tmp:
+        link = Path(tmp) / gguf_file.name
+        link.symlink_to(gguf_file.resolve())
+        yield link
+
+
 def tokenizer_from_gguf(gguf_file: Path):
     """transformers' conversion of a GGUF's tokenizer, checked against llama.cpp's tokenization of
     the same file (the conversion can silently produce a character-level tokenizer)."""
@@ -92,7 +104,8 @@ def tokenizer_from_gguf(gguf_file: Path):
     from .tokenizer_check import check_gguf_tokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        with alone(gguf_file) as link:
+            tok = AutoTokenizer.from_pretrained(link.parent, gguf_file=link.name)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a vocabulary it cannot convert
         raise QuantpipeError(f"transformers cannot convert the tokenizer of {gguf_file}: {type(e).__name__}: {e}") from e
     check_gguf_tokenizer(gguf_file, tok, f"transformers' conversion of the tokenizer of {gguf_file.name}")
@@ -133,7 +146,8 @@ def dequantize(gguf_file: Path, dest: Path, source: dict) -> Path:
         print(f"[models] converting {gguf_file.name} to an HF checkpoint (FP32) ...", file=sys.stderr)
         tok = tokenizer_from_gguf(gguf_file)  # first: a bad tokenizer is refused before the weights are converted
         try:
-            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype="float32")
+            with alone(gguf_file) as link:
+                model = AutoModelForCausalLM.from_pretrained(link.parent, gguf_file=link.name, dtype="float32")
         except Exception as e:  # noqa: BLE001 - e.g. an architecture transformers' GGUF loader does not know
             raise QuantpipeError(f"transformers cannot load the weights of {gguf_file}: {type(e).__name__}: {e}") from e
         # The weights are now plain FP32 tensors: drop the GGUF loader so save_pretrained writes them as such.
