@@ -42,9 +42,13 @@ def gguf_shards(path: Path) -> list[Path]:
     if missing:
         what = f"split GGUF {path.parent / m['stem']}-*-of-{m['count']}.gguf" if m else "GGUF file"
         raise QuantpipeError(f"{what}: not found: {', '.join(missing)} (in {path.parent})")
-    with open(files[0], "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise QuantpipeError(f"{files[0]} is not a GGUF file (no GGUF magic at its start)")
+    import gguf
+
+    for f in files:  # the header and tensor index only (memory-mapped): a truncated or foreign file fails here
+        try:
+            gguf.GGUFReader(f)
+        except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct errors, IndexError...
+            raise QuantpipeError(f"{f} is not a readable GGUF file: {type(e).__name__}: {e}") from e
     return files
 
 

@@ -61,7 +61,7 @@ def test_missing_gguf_and_missing_shards_are_refused(tmp_path):
     with pytest.raises(QuantpipeError, match="not found: m-00002-of-00003.gguf"):
         resolve_model(str(tmp_path / "m-00003-of-00003.gguf"), offline=True)
     (tmp_path / "notgguf.gguf").write_bytes(b"PK\x03\x04")
-    with pytest.raises(QuantpipeError, match="is not a GGUF file"):
+    with pytest.raises(QuantpipeError, match="notgguf.gguf is not a readable GGUF file"):
         resolve_model(str(tmp_path / "notgguf.gguf"), offline=True)
     (tmp_path / "dir").mkdir()
     (tmp_path / "dir" / "x.gguf").write_bytes(b"GGUF")
