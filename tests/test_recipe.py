@@ -154,8 +154,8 @@ def test_fixed_batch_size_keeps_its_settings_and_auto_keys_its_budget(tmp_path):
 def test_model_checks(tiny_model, tmp_path):
     with pytest.raises(QuantpipeError, match="no config.json"):
         resolve_model(str(tmp_path / "missing-model"), offline=True)
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # a GGUF base would need transformers' tokenizer conversion
-    with pytest.raises(QuantpipeError, match="is a GGUF, not an HF checkpoint folder"):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")  # a truncated GGUF: refused before transformers reads it
+    with pytest.raises(QuantpipeError, match="m.gguf is not a readable GGUF file"):
         resolve_model(str(tmp_path / "m.gguf"), offline=True)
     (tmp_path / "notok").mkdir()
     for f in ("config.json", "model.safetensors"):
