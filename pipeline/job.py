@@ -411,6 +411,10 @@ class Job:
                     "path": str(self.base.path),
                     "size_bytes": store.dir_size(self.base_dir) if self.base_dir else None,
                     "n_params": count_parameters(self.base_dir) if self.base_dir else None,
+                    # a base dequantized from a GGUF lies on that type's grid (the table says so)
+                    "gguf_type": (store.read_json(self.base_dir / "quantpipe-source.json") or {}).get("file_type")
+                    if self.base_dir
+                    else None,
                 },
             },
         )

@@ -96,10 +96,27 @@ def _divergence(t: Table) -> list[str]:
     return lines
 
 
+def _grid_note(t: Table, r) -> str:
+    """A GGUF row of the type the base was dequantized from: flattered by the same-grid effect."""
+    last = r.chain[-1] if r.chain else {}
+    if t.base_gguf_type and last.get("stage") == "gguf" and str(last.get("params", {}).get("type", "")).upper() == t.base_gguf_type.upper():
+        return f" (same grid as the base's source file, {t.base_gguf_type})"
+    return ""
+
+
 def to_markdown(t: Table, layout: str = "methods", verdict_lines: list[str] | None = None) -> str:
     lines = (_section7 if layout == "section7" else _methods)(t)
     lines += ["", *_footer(t), "", "How each row was evaluated:"]
-    lines += [f"- {r.name}: {r.evaluated_as or '–'}" + (f" — error: {one_line(r.error)}" if r.error else "") for r in t.rows]
+    lines += [
+        f"- {r.name}: {r.evaluated_as or '–'}{_grid_note(t, r)}" + (f" — error: {one_line(r.error)}" if r.error else "") for r in t.rows
+    ]
+    if t.base_gguf_type:
+        lines += [
+            "",
+            f"The base is itself dequantized from a GGUF {t.base_gguf_type} file, so its weights lie on that type's grid: a row "
+            f"re-quantized to {t.base_gguf_type} gets nearly the same weights back and looks nearly lossless for that reason "
+            "alone (the same-grid effect, docs/recipes.md); rows of other types are ordinary quantization of this base.",
+        ]
     damaged = [f"- {r.name}: {d}" for r in t.rows for d in r.damaged]
     if damaged:
         lines += ["", "Damaged stored records (recomputed by the next run; the scores above stop before them):", *damaged]

@@ -84,6 +84,7 @@ class Table:
     rows: list[Row]
     n_params: int | None = None
     plan_keys: dict[str, str] = field(default_factory=dict)  # step id -> key of the plan it was built from
+    base_gguf_type: str | None = None  # the GGUF type the base was dequantized from (its weights lie on that grid)
 
     def row(self, name: str) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -113,7 +114,14 @@ class Table:
                     for k, v in (r.get("divergence") or {}).items()
                 }
                 rows.append(Row(**{**r, "cells": cells, "divergence": div}))
-            return cls(d["recipe"], [ColumnInfo(**c) for c in d["columns"]], rows, d.get("n_params"), d.get("plan_keys") or {})
+            return cls(
+                d["recipe"],
+                [ColumnInfo(**c) for c in d["columns"]],
+                rows,
+                d.get("n_params"),
+                d.get("plan_keys") or {},
+                d.get("base_gguf_type"),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise QuantpipeError(f"the table is malformed ({type(e).__name__}: {e})") from e
 
@@ -239,7 +247,8 @@ def build_table(root: Path) -> Table:
                 damaged,
             )
         )
-    return Table(root.name, columns, rows, (index.get("base") or {}).get("n_params"), step_keys(index["steps"]))
+    base = index.get("base") or {}
+    return Table(root.name, columns, rows, base.get("n_params"), step_keys(index["steps"]), base.get("gguf_type"))
 
 
 def finite(x) -> bool:

@@ -196,3 +196,22 @@ def test_a_record_replaced_by_a_symlink_is_recomputed_and_its_target_untouched(t
     rec, reused = store.cached(folder, "k", lambda tmp: (tmp / "samples.jsonl").write_text("x\n") and {}, "chunk")
     assert not reused and not folder.is_symlink() and (folder / "samples.jsonl").is_file()
     assert (target / "keep.txt").read_text() == "not ours"
+
+
+def test_a_base_dequantized_from_a_gguf_type_labels_the_row_on_its_grid(tmp_path):
+    """The same-grid effect is named in the table: the base's source type, and the row re-quantized to it."""
+    run = chunked_run(tmp_path / "r", {"base": BASE, "same": BASE, "other": BASE})
+    plan = json.loads((run / "plan.json").read_text())
+    for row, qtype in (("same", "Q4_K_M"), ("other", "Q4_0")):
+        meta = {"format": "gguf", "bits": f"GGUF {qtype}", "chain": [{"stage": "gguf", "params": {"type": qtype}}]}
+        store.cached(run / row / "stages" / "00-gguf", f"b-{row}", lambda tmp, meta=meta: (tmp / "m.gguf").write_text("x") and meta, "x")
+        plan["steps"].append(
+            {"id": f"build {row}[0] gguf", "kind": "build", "row": row, "key": f"b-{row}", "path": f"{row}/stages/00-gguf"}
+        )
+        plan["artifacts"][row] = f"build {row}[0] gguf"
+    plan["base"]["gguf_type"] = "Q4_K_M"
+    store.atomic_write_json(run / "plan.json", plan)
+    md = (write_report(run) / "degradation.md").read_text()
+    assert "dequantized from a GGUF Q4_K_M file" in md
+    lines = {line.split(":")[0]: line for line in md.splitlines() if line.startswith("- ")}
+    assert "same grid as the base's source file, Q4_K_M" in lines["- same"] and "same grid" not in lines["- other"]
