@@ -32,6 +32,14 @@ class Need:
     fixed_n: int
     sequential: int | None
     seconds_per_item: float | None
+    size: int | None = None  # items the benchmark has
+
+    def room(self) -> str:
+        """Whether the benchmark holds the items a design needs: a check needing more can never decide there."""
+        if self.size is None:
+            return "–"
+        short = [name for name, n in (("fixed-n", self.fixed_n), ("sequential", self.sequential)) if n is not None and n > self.size]
+        return f"{self.size}" if not short else f"{self.size}: too few for {' and '.join(short)}"
 
     def hours(self, items: int | None) -> str:
         if items is None or self.seconds_per_item is None:
@@ -64,6 +72,7 @@ def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 
     from .gate import paired_items
 
     base, out = t.base, []
+    sizes = {task.column.name: task.size for task in COLUMNS}
     for row in t.rows[1:]:
         cols = [c for c in row.cells if c in base.cells and cfg.limit(c) is not None]
         for col in cols:
@@ -87,6 +96,7 @@ def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 
                     sq.fixed_n_items(sd, margin, cfg.alpha, power, true, len(cols)),
                     sq.sequential_items(sd, margin, cfg.alpha, true, len(cols), cfg.method),
                     per_item.get(col),
+                    sizes.get(col),
                 )
             )
     return out
@@ -95,20 +105,21 @@ def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 
 def render(rows: list[Need], power: float) -> str:
     lines = [
         f"| Variant | Benchmark | Margin | Items so far | Drop (pts) | SD per item | Fixed-n items (power {power:g}) "
-        "| Sequential items (expected) | Fixed-n time | Sequential time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Sequential items (expected) | Fixed-n time | Sequential time | Items in the benchmark |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.variant} | {r.column} | {r.margin_pts:g} | {r.n} | {r.drop_pts:+.2f} | {r.sd:.3f} | {r.fixed_n} | "
-            f"{r.sequential or '–'} | {r.hours(r.fixed_n)} | {r.hours(r.sequential)} |"
+            f"{r.sequential or '–'} | {r.hours(r.fixed_n)} | {r.hours(r.sequential)} | {r.room()} |"
         )
     lines += [
         "",
         "Drop and SD are from the stored paired items; each design is sized for the observed drop (held at least a "
         "quarter margin off the margin). Times: seconds per item measured in this run's evaluations, for the base and the "
         "variant. Sequential items are a plug-in estimate (pipeline.sequential.sequential_items); docs/statistics.md "
-        "has simulated averages.",
+        'has simulated averages. A check whose design needs more items than its benchmark has ("too few") cannot '
+        "decide at that margin on that benchmark: widen its margin or decide it on a larger benchmark.",
     ]
     return "\n".join(lines) + "\n"
 

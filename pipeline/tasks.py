@@ -39,6 +39,8 @@ class Task:
     column: Column | None = None  # None: evaluated, stored, but not a table column
     runs_code: bool = False  # executes model-written programs (needs the opt-in)
     group: bool = False  # a group of per-subject subtasks (items are stratified per subtask)
+    # items in the stock task's evaluation split: what more items can buy (a design needing more cannot decide)
+    size: int | None = None
 
 
 MMLU_DATA = Dataset("cais/mmlu", "mmlu", None, aliases=("hendrycks_test",))
@@ -73,6 +75,7 @@ TASKS: dict[str, Task] = {
             ("mmlu/default/*.yaml", "mmlu/default/_default_template_yaml"),
             Column("MMLU", "acc", "none", "acc"),
             group=True,
+            size=14042,  # the test split of its 57 subjects
         ),
         Task(
             "humaneval",
@@ -80,19 +83,22 @@ TASKS: dict[str, Task] = {
             ("humaneval/humaneval.yaml",),
             Column("HumanEval", "pass@1", "create_test", "pass@1 (greedy)"),
             runs_code=True,
+            size=164,
         ),
         Task(
             "gsm8k",
             GSM8K_DATA,
             ("gsm8k/gsm8k.yaml",),
             Column("GSM8K", "exact_match", "flexible-extract", "exact match, flexible-extract"),
+            size=1319,
         ),
-        Task("truthfulqa_mc1", TRUTHFULQA_DATA, _TQA),
+        Task("truthfulqa_mc1", TRUTHFULQA_DATA, _TQA, size=817),
         Task(
             "truthfulqa_mc2",
             TRUTHFULQA_DATA,
             (*_TQA[:1], "truthfulqa/truthfulqa_mc2.yaml", _TQA[1]),
             Column("TruthfulQA", "acc", "none", "MC2"),
+            size=817,
         ),
     )
 }

@@ -222,3 +222,17 @@ def test_plan_sizes_each_check_from_the_stored_items(tmp_path):
     fixed = {k: int(v[5]) for k, v in rows.items()}
     assert fixed["closer"] > fixed["noisy"] > 0  # closer to the margin needs more items
     assert "docs/statistics.md" in text
+
+
+def test_plan_says_when_a_benchmark_has_too_few_items_to_decide(tmp_path):
+    from pipeline.gate import GateConfig
+    from pipeline.items_needed import plan_report
+
+    # a 3-point drop against a 3.5-point margin: sized at 2.625 points, a fixed-n design of
+    # ((1.6449 + 1.2816) * 0.171 / 0.00875)^2 ~ 3,270 items, more than GSM8K's 1,319 test questions
+    run = make_run(tmp_path / "r", BASE, {"closer": [0] * 6 + BASE[6:], "far": [0] * 40 + BASE[40:]})
+    lines = plan_report(run, GateConfig(max_drop={"default": 3.5})).splitlines()
+    closer = next(c.strip() for line in lines if line.startswith("| closer ") for c in [line.split("|")[-2]])
+    far = next(c.strip() for line in lines if line.startswith("| far ") for c in [line.split("|")[-2]])
+    assert closer.startswith("1319: too few for fixed-n"), closer
+    assert far == "1319"  # a 20-point drop is decided (fail) well within the benchmark
