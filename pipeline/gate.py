@@ -146,7 +146,10 @@ def _error(variant: str, name: str, message: str, kind: CheckKind = "row", colum
 _UNITS = {"drop": ("drop", "pts", 2), "point": ("drop", "pts", 2), "recovery": ("recovery", "%", 1), "kl": ("mean KL", "nats", 4)}
 
 
-def _message(d: sq.CheckDecision, scale: float) -> str:
+_SIZES = {t.column.name: t.size for t in COLUMNS}
+
+
+def _message(d: sq.CheckDecision, scale: float, column: str | None = None) -> str:
     what, unit, digits = _UNITS[d.kind]
     est, lo, hi, thr = (x * scale for x in (d.estimate, d.lo, d.hi, d.threshold))
     head = f"{what} {est:.{digits}f} {unit}"
@@ -156,6 +159,9 @@ def _message(d: sq.CheckDecision, scale: float) -> str:
     higher_is_better = d.kind == "recovery"
     if d.status == "undecided":
         more = f"; about {d.more_items} more items would decide" if d.more_items else ""
+        size = _SIZES.get(column)
+        if d.more_items and size and d.n + d.more_items > size:
+            more += f", more than the {size} {column} has: widen its margin or decide it on a larger benchmark"
         return f"{head}, {interval} still contains {thr:g} after {d.n} items{more}"
     side = "above" if (d.status == "pass") == higher_is_better else "below"
     return f"{head}, {interval} lies {side} {thr:g} (alpha {d.alpha:g} per check, Holm over the variant's checks)"
@@ -173,7 +179,7 @@ def _from_decision(variant: str, name: str, d: sq.CheckDecision, scale: float, c
         d.n,
         d.alpha,
         d.more_items,
-        _message(d, scale),
+        _message(d, scale, column),
         "kl" if d.kind == "kl" else "recovery" if d.kind == "recovery" else "drop",
         column,
     )

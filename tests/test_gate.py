@@ -236,3 +236,12 @@ def test_plan_says_when_a_benchmark_has_too_few_items_to_decide(tmp_path):
     far = next(c.strip() for line in lines if line.startswith("| far ") for c in [line.split("|")[-2]])
     assert closer.startswith("1319: too few for fixed-n"), closer
     assert far == "1319"  # a 20-point drop is decided (fail) well within the benchmark
+
+
+def test_gate_says_when_the_items_a_check_needs_exceed_its_benchmark(tmp_path):
+    """A 3-point drop against a 3.5-point margin on 200 GSM8K items needs thousands more: GSM8K has
+    1,319 test questions, so the check can never decide there, and the line says so."""
+    run = make_run(tmp_path / "r", BASE, {"closer": [0] * 6 + BASE[6:], "far": [0] * 40 + BASE[40:]})
+    lines = {line.split()[1]: line for line in gate(run, "--max-drop", "GSM8K=3.5").stdout.splitlines()[1:-1]}
+    assert "UNDECIDED" in lines["closer"] and "more than the 1319 GSM8K has" in lines["closer"]
+    assert "FAIL" in lines["far"] and "more than" not in lines["far"]
