@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Render a run's HTML report in headless Chromium to a PNG (the picture in the README).
-# usage: scripts/screenshot_report.sh artifacts/smollm2-135m docs/report.png
+# usage: scripts/screenshot_report.sh artifacts/qwen2.5-coder-0.5b docs/report.png
 set -euo pipefail
 run=${1:?run folder}; out=${2:-docs/report.png}
 mkdir -p "$(dirname "$out")"
