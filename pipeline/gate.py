@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import sequential as sq
 from .errors import QuantpipeError
 from .table import Cell, Row, Table
-from .tasks import COLUMNS
+from .tasks import COLUMN_SIZES, COLUMNS
 
 CheckKind = Literal["drop", "recovery", "kl", "average", "row", "build", "record"]
 
@@ -146,9 +146,6 @@ def _error(variant: str, name: str, message: str, kind: CheckKind = "row", colum
 _UNITS = {"drop": ("drop", "pts", 2), "point": ("drop", "pts", 2), "recovery": ("recovery", "%", 1), "kl": ("mean KL", "nats", 4)}
 
 
-_SIZES = {t.column.name: t.size for t in COLUMNS}
-
-
 def _message(d: sq.CheckDecision, scale: float, column: str | None = None) -> str:
     what, unit, digits = _UNITS[d.kind]
     est, lo, hi, thr = (x * scale for x in (d.estimate, d.lo, d.hi, d.threshold))
@@ -159,7 +156,7 @@ def _message(d: sq.CheckDecision, scale: float, column: str | None = None) -> st
     higher_is_better = d.kind == "recovery"
     if d.status == "undecided":
         more = f"; about {d.more_items} more items would decide" if d.more_items else ""
-        size = _SIZES.get(column)
+        size = COLUMN_SIZES.get(column)
         if d.more_items and size and d.n + d.more_items > size:
             more += f", more than the {size} {column} has: widen its margin or decide it on a larger benchmark"
         return f"{head}, {interval} still contains {thr:g} after {d.n} items{more}"

@@ -18,7 +18,7 @@ from . import store
 from .errors import QuantpipeError
 from .gate import GateConfig
 from .table import Table, build_table
-from .tasks import COLUMNS
+from .tasks import COLUMN_SIZES, COLUMNS
 
 
 @dataclass
@@ -72,7 +72,6 @@ def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 
     from .gate import paired_items
 
     base, out = t.base, []
-    sizes = {task.column.name: task.size for task in COLUMNS}
     for row in t.rows[1:]:
         cols = [c for c in row.cells if c in base.cells and cfg.limit(c) is not None]
         for col in cols:
@@ -96,7 +95,7 @@ def needs(t: Table, cfg: GateConfig, per_item: dict[str, float], power: float = 
                     sq.fixed_n_items(sd, margin, cfg.alpha, power, true, len(cols)),
                     sq.sequential_items(sd, margin, cfg.alpha, true, len(cols), cfg.method),
                     per_item.get(col),
-                    sizes.get(col),
+                    COLUMN_SIZES.get(col),
                 )
             )
     return out

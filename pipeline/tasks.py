@@ -104,6 +104,8 @@ TASKS: dict[str, Task] = {
 }
 
 COLUMNS: tuple[Task, ...] = tuple(t for t in TASKS.values() if t.column)
+# table column -> items its benchmark has (what more items can buy a check on it)
+COLUMN_SIZES: dict[str, int | None] = {t.column.name: t.size for t in COLUMNS}
 
 
 def refused_calibration_ids() -> set[str]:
